@@ -1,0 +1,145 @@
+"""What a tour section reports, and how the report is written (HTML + JSON)."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+Number = int | float | str | bool | None
+
+
+@dataclass
+class Table:
+    """A table of results; ``rows`` hold numbers or strings, one list per row."""
+
+    caption: str
+    headers: list[str]
+    rows: list[list[Number]]
+
+
+@dataclass
+class Figure:
+    """A PNG saved next to the report (``path`` relative to the report's folder)."""
+
+    path: str
+    caption: str
+
+
+@dataclass
+class Section:
+    """One capability's evidence: the claim, how it was tested, and what was measured."""
+
+    name: str
+    title: str
+    claim: str
+    method: str
+    verdict: str = ""
+    numbers: dict[str, Number] = field(default_factory=dict)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _fmt(value: Number) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3g}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(table: Table) -> str:
+    """GitHub-flavoured Markdown for ``table`` (used by the benchmark documents)."""
+    lines = [
+        "| " + " | ".join(table.headers) + " |",
+        "|" + "|".join(" --- " for _ in table.headers) + "|",
+    ]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.rows]
+    return "\n".join(lines)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings so the file stays standard."""
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(sections: list[Section], meta: dict[str, Any], path: Path) -> None:
+    payload = {**meta, "sections": {s.name: asdict(s) for s in sections}}
+    path.write_text(json.dumps(_clean(payload), indent=2) + "\n")
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{margin-bottom:.2em} h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:1em 0;font-size:.92em}
+td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+caption{caption-side:top;text-align:left;font-weight:600;padding-bottom:.3em}
+figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.9em;color:#555}
+.claim{background:#f6f8ff;border-left:4px solid #4a6cf7;padding:.5em .8em}
+.verdict{font-weight:600} .meta{color:#666;font-size:.9em}
+details{margin:.5em 0} code{background:#f3f3f3;padding:0 .2em}
+"""
+
+
+def write_html(sections: list[Section], meta: dict[str, Any], path: Path) -> None:
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>kexue tour</title><style>{_CSS}</style></head><body>",
+        "<h1>kexue tour</h1>",
+        f"<p class='meta'>kexue {esc(str(meta.get('kexue_version')))} · "
+        f"{esc(str(meta.get('date')))} · {esc(meta.get('machine', {}).get('summary', ''))} · "
+        f"total {meta.get('seconds', 0):.1f} s</p>",
+        "<ul>",
+    ]
+    parts += [f"<li><a href='#{esc(s.name)}'>{esc(s.title)}</a></li>" for s in sections]
+    parts.append("</ul>")
+    for s in sections:
+        parts.append(f"<h2 id='{esc(s.name)}'>{esc(s.title)}</h2>")
+        parts.append(f"<p class='claim'><b>Claim.</b> {esc(s.claim)}</p>")
+        parts.append(f"<p><b>How it was tested.</b> {esc(s.method)}</p>")
+        if s.verdict:
+            parts.append(f"<p class='verdict'>Result: {esc(s.verdict)}</p>")
+        for t in s.tables:
+            parts.append(f"<table><caption>{esc(t.caption)}</caption><tr>")
+            parts += [f"<th>{esc(h)}</th>" for h in t.headers]
+            parts.append("</tr>")
+            for row in t.rows:
+                parts.append("<tr>" + "".join(f"<td>{esc(_fmt(v))}</td>" for v in row) + "</tr>")
+            parts.append("</table>")
+        for f in s.figures:
+            parts.append(
+                f"<figure><img src='{esc(f.path)}' alt='{esc(f.caption)}'>"
+                f"<figcaption>{esc(f.caption)}</figcaption></figure>"
+            )
+        for note in s.notes:
+            parts.append(f"<p class='meta'>{esc(note)}</p>")
+        if s.numbers:
+            parts.append("<details><summary>All numbers of this section</summary><table>")
+            parts += [
+                f"<tr><td>{esc(k)}</td><td>{esc(_fmt(v))}</td></tr>" for k, v in s.numbers.items()
+            ]
+            parts.append("</table></details>")
+        parts.append(f"<p class='meta'>section time {s.seconds:.1f} s</p>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
