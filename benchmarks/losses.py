@@ -113,6 +113,45 @@ def quality(quick: bool) -> dict:
     }
 
 
+def goal_lines(default: dict, cached: dict) -> list[str]:
+    """One bullet per goal of the issue, with the measured range over both allocators."""
+
+    def span(rows: list, col: int) -> str:
+        values = [r[col] for r in rows]
+        return f"{min(values):.2f}-{max(values):.2f}x"
+
+    both_loss = default["loss"] + cached["loss"]
+    masked = [r for r in default["lse"] + cached["lse"] if "masked" in r[0]]
+    worst_diff = max(r[8] for r in both_loss)
+    return [
+        f"- ZLPR <= 1.1x BCE: float targets {span(both_loss, 5)}, bool targets "
+        f"{span(both_loss, 6)} of BCE's time (default allocator {span(default['loss'], 5)} / "
+        f"{span(default['loss'], 6)}; warm allocator {span(cached['loss'], 5)} / "
+        f"{span(cached['loss'], 6)}).",
+        f"- ZLPR >= 2x faster than the sentinel port at equal values: {span(both_loss, 7)} "
+        f"faster, largest |difference| {worst_diff:.3g}.",
+        f"- masked logsumexp <= 1.2x torch.logsumexp: {span(masked, 3)}.",
+    ]
+
+
+def _gap(a: dict, b: dict, key: str) -> float:
+    """Difference of means in units of the larger seed standard deviation (min 1e-4)."""
+    return (a[key][0] - b[key][0]) / max(a[key][1], b[key][1], 1e-4)
+
+
+def compare(a: dict, b: dict) -> str:
+    words = []
+    for key, label in (("micro_f1", "micro-F1"), ("macro_f1", "macro-F1")):
+        g = _gap(a, b, key)
+        words.append(f"{'ahead' if g > 2 else 'behind' if g < -2 else 'level'} on {label}")
+    return " and ".join(words) + " (more than 2 seed sd = ahead/behind)"
+
+
+def verdict(zlpr: dict, bce_tuned: dict) -> str:
+    ok = all(_gap(zlpr, bce_tuned, k) >= -2 for k in ("micro_f1", "macro_f1"))
+    return "**Holds.**" if ok else "**Does not hold on this benchmark.**"
+
+
 def reliability_plot(curves: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
@@ -172,7 +211,14 @@ def main() -> None:
         "average. BCE is `torch.nn.BCEWithLogitsLoss()`. The "
         "port is the sentinel formulation (`1e12`, concatenated zero column, `torch.logsumexp`).",
         "",
+        "### Goals of the issue, as measured",
+        "",
+        *goal_lines(speed_default, speed_cached),
+        "",
         "### glibc default allocator settings (what most users run)",
+        "",
+        "Fresh full-size buffers may cost page faults here, depending on glibc's adaptive "
+        "mmap threshold: these timings are noisy and can be bimodal between runs.",
         "",
         markdown_table(Table("", loss_headers, speed_default["loss"])),
         "",
@@ -202,6 +248,7 @@ def main() -> None:
         ]
         reliability_plot(q["curves"], DOCS / "losses-reliability.png")
         zl, bt, b5 = summary["ZLPR (s>0)"], summary["BCE (tuned t)"], summary["BCE (t=0.5)"]
+        zt = summary["ZLPR (tuned t)"]
         lines += [
             "## Quality on BibTeX",
             "",
@@ -211,16 +258,24 @@ def main() -> None:
             f"MLP 1836-{cfg.hidden}-159, ReLU, dropout {cfg.dropout}, AdamW lr {cfg.lr}, "
             f"weight decay {cfg.weight_decay}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
             f"for every loss; seeds {q['seeds']} (init, dropout, order). Thresholds are on "
-            "probabilities; only 'BCE (tuned t)' is tuned (on validation, for micro-F1). "
+            "probabilities; only the '(tuned t)' rows are tuned (on validation, for micro-F1). "
             "Macro-F1 and mAP average over the labels with a positive in the test split. "
             f"Training time: {q['seconds']:.0f} s.",
             "",
             markdown_table(Table("", ["method", "micro-F1", "macro-F1", "mAP", "threshold"], rows)),
             "",
-            "**Claim tested: ZLPR without threshold tuning >= BCE.** Measured: ZLPR (s > 0) "
+            "**Claim tested: ZLPR without threshold tuning >= BCE with a tuned threshold.** "
+            f"{verdict(zl, bt)} Measured: ZLPR (s > 0) "
             f"micro-F1 {zl['micro_f1'][0]:.4f} / macro-F1 {zl['macro_f1'][0]:.4f}; BCE with a "
             f"tuned threshold {bt['micro_f1'][0]:.4f} / {bt['macro_f1'][0]:.4f}; BCE at 0.5 "
-            f"{b5['micro_f1'][0]:.4f} / {b5['macro_f1'][0]:.4f}.",
+            f"{b5['micro_f1'][0]:.4f} / {b5['macro_f1'][0]:.4f}; ZLPR with a tuned threshold "
+            f"{zt['micro_f1'][0]:.4f} / {zt['macro_f1'][0]:.4f}. Against BCE at its default "
+            f"threshold 0.5, untuned ZLPR is {compare(zl, b5)}.",
+            "",
+            "Label smoothing with alpha = 0.1 gives every negative the soft target 0.05; with "
+            "about 157 negatives per row that mass dominates the positive term, which is why "
+            "it hurts here. A validation curve per epoch (not shown) confirmed the ranking of "
+            "the methods does not depend on the 30-epoch budget.",
             "",
             "### Calibration: sigmoid(2s) versus sigmoid(s)",
             "",

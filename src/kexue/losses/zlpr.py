@@ -77,14 +77,16 @@ class _DenseZLPR(torch.autograd.Function):
         limit = _fast_range(s.dtype, s.shape[-1])
         slow = ~((s.amin(-1) > -limit) & (s.amax(-1) < limit))
         any_slow = bool(slow.any())
-        en = (s.clamp(-limit, limit) if any_slow else s).exp()
-        v_pos = en.reciprocal()
-        if t.dtype == torch.bool:
-            absent = ~t
-            v_pos.masked_fill_(absent, 0.0)
+        # In place where possible: each fresh full-size buffer costs page faults on the CPU.
+        # One buffer for both terms: fewer fresh allocations, fewer page faults.
+        buf = torch.empty((2, *s.shape), dtype=s.dtype, device=s.device)
+        v_pos, en = buf[0], buf[1]
+        torch.exp(s.clamp(-limit, limit) if any_slow else s, out=en)
+        if t.dtype == torch.bool:  # (mixed bool/float arithmetic is slow: mask instead)
+            torch.reciprocal(en, out=v_pos).masked_fill_(~t, 0.0)
             v_neg = en.masked_fill_(t, 0.0)
-        else:  # in place: each fresh full-size buffer costs page faults on the CPU
-            v_pos.mul_(t).masked_fill_(t < eps, 0.0)
+        else:
+            torch.div(t, en, out=v_pos).masked_fill_(t < eps, 0.0)  # t e^{-s}
             v_neg = en.lerp_(torch.zeros((), dtype=en.dtype), t)  # en * (1 - t), accurate
             v_neg.masked_fill_(t > 1.0 - eps, 0.0)
         if keep is not None:

@@ -3,7 +3,8 @@
 Used by the tour's ``losses`` section (built-in MNIST canvases) and by
 ``benchmarks/losses.py`` (BibTeX). Baselines: BCE (threshold 0.5, and a threshold tuned on
 validation), sigmoid focal loss (Lin et al., 2017), asymmetric loss (ASL, Ridnik et al.,
-2021); kexue: ZLPR (threshold 0, untuned), ZLPR with label smoothing, ZLPR with mixup.
+2021); kexue: ZLPR (threshold 0, untuned; and tuned, for reference), ZLPR with label
+smoothing, ZLPR with mixup.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ METHODS: list[Method] = [
     Method("BCE (tuned t)", bce_loss, _sigmoid, None, family="bce"),
     Method("focal (t=0.5)", focal_loss, _sigmoid, 0.5),
     Method("ASL (t=0.5)", asymmetric_loss, _sigmoid, 0.5),
-    Method("ZLPR (s>0)", zlpr_objective, _sigmoid2, 0.5),
+    Method("ZLPR (s>0)", zlpr_objective, _sigmoid2, 0.5, family="zlpr"),
+    Method("ZLPR (tuned t)", zlpr_objective, _sigmoid2, None, family="zlpr"),
     Method("ZLPR + smoothing 0.1", zlpr_objective, _sigmoid2, 0.5, smoothing=0.1),
     Method("ZLPR + mixup 0.4", zlpr_objective, _sigmoid2, 0.5, mixup_alpha=0.4),
 ]
