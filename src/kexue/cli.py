@@ -27,6 +27,19 @@ app = typer.Typer(
 )
 
 
+# Command groups of the capabilities: ``kexue <name> ...`` -> "module:attribute" of a typer app.
+# Each capability adds its own line.
+COMMAND_GROUPS: dict[str, str] = {}
+
+
+def _add_groups() -> None:
+    import importlib
+
+    for name, target in COMMAND_GROUPS.items():
+        module, attribute = target.split(":")
+        app.add_typer(getattr(importlib.import_module(module), attribute), name=name)
+
+
 def _show_version(value: bool) -> None:
     if value:
         typer.echo(f"kexue {__version__}")
@@ -42,7 +55,7 @@ def _root(
         ),
     ] = False,
 ) -> None:
-    """kexue: logsumexp numerics, ZLPR loss, and the tour that measures them."""
+    """kexue: measured, tested tools for probabilistic deep learning."""
 
 
 @app.command()
@@ -79,6 +92,9 @@ def tour(
     for section in results:
         typer.echo(f"{section.name:>10}: {section.verdict or 'done'}")
     typer.echo(f"report: {out / 'report.html'}")
+
+
+_add_groups()
 
 
 def main(argv: list[str] | None = None) -> None:
