@@ -165,6 +165,11 @@ class UNet(nn.Module):
         return self.time_mlp(sinusoidal_embedding(t, self.config.channels))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.head(self.features(x, t))
+
+    def features(self, x: Tensor, t: Tensor) -> Tensor:
+        """The body's output before ``head`` (width ``channels``, full resolution): what a
+        second head (e.g. a learned reverse variance) can reuse with the body frozen."""
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"x must have shape (N, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
@@ -188,7 +193,7 @@ class UNet(nn.Module):
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
             h = self.up[i](h + skips[i], temb)
-        return self.head(h)
+        return h
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
