@@ -63,9 +63,12 @@ def test_module_entry_point_has_no_traceback():
 
 
 def test_list_sections(capsys):
+    from kexue.tour import SECTIONS
+
     code, out, _ = run_cli(["tour", "--list"], capsys)
     assert code == 0
-    assert out.split() == ["ops", "losses"]
+    assert out.split() == list(SECTIONS)
+    assert {"ops", "losses", "diffusion"} <= set(SECTIONS)
 
 
 def test_tour_ops_writes_report_json_and_figures(tmp_path: Path, capsys):
@@ -96,5 +99,7 @@ def test_tour_ops_writes_report_json_and_figures(tmp_path: Path, capsys):
 def test_full_tour_runs(tmp_path: Path, capsys):
     code, _, _ = run_cli(["tour", "--out", str(tmp_path), "--no-progress"], capsys)
     assert code == 0
+    from kexue.tour import SECTIONS
+
     data = json.loads((tmp_path / "results.json").read_text())
-    assert set(data["sections"]) == {"ops", "losses"}
+    assert set(data["sections"]) == set(SECTIONS)
