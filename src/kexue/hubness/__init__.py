@@ -1,0 +1,46 @@
+"""Hubness measures and hub-prior latent sampling (reference: hubness.md).
+
+``knn`` (exact torch, faiss exact/approximate) -> ``k_occurrence`` -> the measures of its
+distribution (``Hubness`` estimator), and ``HubPriorSampler`` for latent generators.
+"""
+
+from kexue.hubness.knn import Neighbors, knn, neighbor_recall
+from kexue.hubness.measures import (
+    MEASURES,
+    Hubness,
+    HubnessScores,
+    NotFittedError,
+    antihub_occurrence,
+    atkinson_index,
+    gini_index,
+    hub_mask,
+    hub_occurrence,
+    hubness_scores,
+    k_occurrence,
+    k_skewness,
+    occurrence_counts,
+    robin_hood_index,
+)
+from kexue.hubness.sampling import HubPriorSampler, truncated_normal_latents
+
+__all__ = [
+    "MEASURES",
+    "HubPriorSampler",
+    "Hubness",
+    "HubnessScores",
+    "Neighbors",
+    "NotFittedError",
+    "antihub_occurrence",
+    "atkinson_index",
+    "gini_index",
+    "hub_mask",
+    "hub_occurrence",
+    "hubness_scores",
+    "k_occurrence",
+    "k_skewness",
+    "knn",
+    "neighbor_recall",
+    "occurrence_counts",
+    "robin_hood_index",
+    "truncated_normal_latents",
+]

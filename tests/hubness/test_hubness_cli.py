@@ -1,0 +1,63 @@
+"""``kexue hubness``: scores equal the library's, bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kexue.cli import main
+from kexue.hubness import Hubness
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_score_prints_the_estimator_numbers(tmp_path, capsys):
+    X = np.random.default_rng(0).standard_normal((300, 20)).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+    torch.save(torch.from_numpy(X), tmp_path / "x.pt")
+    expected = Hubness(k=(3, 7)).fit(X).scores_
+    for name in ("x.npy", "x.pt"):
+        code, out, _ = run_cli(
+            ["hubness", "score", str(tmp_path / name), "--k", "3,7", "--json"], capsys
+        )
+        assert code == 0
+        got = json.loads(out)
+        assert (got["n"], got["d"]) == (300, 20)
+        assert got["scores"] == [expected[3].as_dict(), expected[7].as_dict()]
+
+
+def test_latents_are_written_and_reach_the_threshold(tmp_path, capsys):
+    out_file = tmp_path / "z.npy"
+    argv = ["hubness", "latents", str(out_file), "--n", "12", "--dim", "16", "--threshold", "12",
+            "--pool-size", "500", "--no-progress"]  # fmt: skip
+    code, out, _ = run_cli(argv, capsys)
+    assert code == 0 and "12 latents" in out
+    assert np.load(out_file).shape == (12, 16)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["hubness", "score", "missing.npy"], "is not a file"),
+        (["hubness", "score", "{x}", "--k", "a,b"], "--k"),
+        (["hubness", "score", "{x}", "--k", "400"], "k=400 is too large"),
+        (["hubness", "latents", "z.txt"], "must end in .npy or .pt"),
+        (["hubness", "latents", "{z}", "--threshold", "20000"], "can never be met"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, argv, fragment, capsys):
+    np.save(tmp_path / "x.npy", np.ones((300, 2), dtype=np.float32).cumsum(0))
+    argv = [a.format(x=tmp_path / "x.npy", z=tmp_path / "z.npy") for a in argv]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kexue: error:")
+    assert fragment in lines[0]
