@@ -29,7 +29,11 @@ app = typer.Typer(
 
 # Command groups of the capabilities: ``kexue <name> ...`` -> "module:attribute" of a typer app.
 # Each capability adds its own line.
-COMMAND_GROUPS: dict[str, str] = {}
+COMMAND_GROUPS: dict[str, str] = {
+    "diffusion": "kexue.diffusion.cli:app",
+    "lst": "kexue.lst.cli:app",
+    "hubness": "kexue.hubness.cli:app",
+}
 
 
 def _add_groups() -> None:

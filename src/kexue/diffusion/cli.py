@@ -180,3 +180,139 @@ def export(
     except CheckpointError as err:
         raise typer.BadParameter(str(err), param_hint="--run") from None
     typer.echo(f"exported to {path}")
+
+
+@app.command("train-variance")
+def train_variance(
+    ckpt: Annotated[str, typer.Option(help="Mean model: shipped name or run/model folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trained head.")],
+    kind: Annotated[str, typer.Option(help="sn (regress eps^2) | npr (regress residual^2)")] = "sn",
+    data: Annotated[str, typer.Option(help="mnist5k | digits8x8 | folder:PATH")] = "mnist5k",
+    steps: Annotated[int, typer.Option(help="Optimiser steps on the head.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (cosine decay).")] = 3e-3,
+    seed: Annotated[int, typer.Option(help="Seed of every random draw.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train a conditional variance head (SN-DPM or NPR-DPM) on a frozen mean model.
+
+    The model's body is reused (UNet.features) and only a new output head is trained and saved
+    (head.safetensors + config.json). Load it with kexue.diffusion.load_variance_head.
+    """
+    from kexue.diffusion.conditional import train_variance_head
+
+    if kind not in ("sn", "npr"):
+        raise typer.BadParameter("must be sn or npr", param_hint="--kind")
+    try:
+        head = train_variance_head(
+            str(resolve_model_path(ckpt)) if Path(ckpt).exists() else ckpt, kind, data=data,
+            steps=steps, batch_size=batch_size, lr=lr, seed=seed, out=out, progress=progress,
+        )  # fmt: skip
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    tail = head.history[-max(1, steps // 10) :]
+    typer.echo(
+        f"trained a {kind.upper()} variance head for {steps} steps: final loss "
+        f"{sum(tail) / len(tail):.3f}; saved to {out}"
+    )
+
+
+VARIANCES = ("small", "large", "analytic", "analytic-gamma", "analytic-moment", "analytic-mle",
+             "analytic-diag", "analytic-mle-diag")  # fmt: skip
+
+
+@app.command("nll")
+def nll_command(
+    ckpt: Annotated[
+        str, typer.Option(help="Built-in model name or a run/model folder.")
+    ] = "mnist5k",
+    steps: Annotated[int, typer.Option(help="Number of kept steps K (T = all).")] = 10,
+    variance: Annotated[
+        str, typer.Option(help="small | large | analytic[-gamma|-moment|-mle|-diag|-mle-diag]")
+    ] = "analytic",
+    trajectory: Annotated[
+        str, typer.Option(help="even | quadratic | optimal (DP on the expected KL)")
+    ] = "even",
+    data: Annotated[str, typer.Option(help="Data spec; its held-out split is scored.")] = "mnist5k",
+    n: Annotated[int, typer.Option(help="Held-out images scored (0 = all).")] = 100,
+    moments: Annotated[
+        Path | None,
+        typer.Option(help="Moments folder: loaded if present, else estimated and saved there."),
+    ] = None,
+    moment_images: Annotated[int, typer.Option(help="Training images for the moments.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the noise draws.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Upper bound on the NLL (negative ELBO) in bits/dim on held-out 8-bit images.
+
+    Data are rounded to 8 bits (256 levels in [-1, 1]) first. The analytic variances need the
+    model's moments: pass --moments DIR to reuse them (estimated once for all T steps and saved
+    there when DIR does not exist yet); without it they are estimated at the K kept steps only.
+    """
+    import torch
+
+    from kexue.diffusion.data import load_images
+    from kexue.diffusion.likelihood import nll_bpd
+    from kexue.diffusion.moments import DiffusionMoments, estimate_moments, model_fingerprint
+    from kexue.diffusion.train import load_model
+    from kexue.diffusion.variance import optimal_trajectory, optimal_variance
+
+    if variance not in VARIANCES:
+        raise typer.BadParameter(f"must be one of {', '.join(VARIANCES)}", param_hint="--variance")
+    if trajectory not in ("even", "quadratic", "optimal"):
+        raise typer.BadParameter("must be even, quadratic or optimal", param_hint="--trajectory")
+    if n < 0 or moment_images < 2:
+        raise typer.BadParameter("--n must be >= 0 and --moment-images >= 2")
+    model, schedule = load_model(resolve_model_path(ckpt))
+    if not 2 <= steps <= schedule.T:
+        raise typer.BadParameter(f"must be in 2..{schedule.T}", param_hint="--steps")
+    try:
+        images = load_images(data)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--data") from None
+    held = images.heldout if n == 0 else images.heldout[:n]
+    held = torch.round((held.double().clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+    gen = torch.Generator().manual_seed(seed)
+    need_moments = variance.startswith("analytic") or trajectory == "optimal"
+    stats = None
+    if need_moments:
+        if moments is not None and (moments / "moments.json").exists():
+            try:
+                stats = DiffusionMoments.load(moments)
+                stats.check(schedule, held.shape)
+            except ValueError as err:
+                raise typer.BadParameter(str(err), param_hint="--moments") from None
+            recorded = stats.info.get("model_sha256")
+            if recorded and recorded != model_fingerprint(model):
+                raise typer.BadParameter(
+                    "these moments were estimated for another model", param_hint="--moments"
+                )
+        else:
+            only = None
+            if moments is None and trajectory != "optimal":
+                only = schedule.trajectory(steps, trajectory) if steps < schedule.T else None
+            stats = estimate_moments(
+                model, schedule, images, num_images=moment_images, steps=only, generator=gen,
+                progress=progress,
+            )  # fmt: skip
+            if moments is not None:
+                stats.save(moments)
+    if steps == schedule.T:
+        kept = list(range(1, schedule.T + 1))
+    elif trajectory == "optimal":
+        kept = optimal_trajectory(stats, schedule, steps)
+    else:
+        kept = schedule.trajectory(steps, trajectory)
+    if variance.startswith("analytic"):
+        spec = optimal_variance(stats, schedule, kept, kind=variance, eta=1.0,
+                                last_step="decoder", cap_second_last=None)  # fmt: skip
+    else:
+        spec = variance
+    result = nll_bpd(model, schedule, held, steps=kept, variance=spec, generator=gen,
+                     progress=progress)  # fmt: skip
+    typer.echo(
+        f"NLL bound {result.bpd:.4f} ± {result.standard_error:.4f} bits/dim on {len(held)} "
+        f"held-out images (K={len(kept)}, {trajectory} trajectory, variance {variance}): prior "
+        f"{result.prior:.4f}, KL terms {float(result.per_step[1:].sum()):.4f}, decoder "
+        f"{float(result.per_step[0]):.4f}"
+    )

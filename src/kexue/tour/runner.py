@@ -35,6 +35,11 @@ T = TypeVar("T")
 SECTIONS: dict[str, str] = {
     "ops": "kexue.tour.sections.ops",
     "losses": "kexue.tour.sections.losses",
+    "distributions": "kexue.tour.sections.distributions",
+    "diffusion": "kexue.tour.sections.diffusion",
+    "lst": "kexue.tour.sections.lst",
+    "optimal-variance": "kexue.tour.sections.optimal_variance",
+    "hubness": "kexue.tour.sections.hubness",
 }
 
 
