@@ -314,6 +314,9 @@ def main() -> None:
     model_dir = ASSETS / "mnist5k"
     model, schedule = load_model(model_dir)
     model.to(args.device)
+    if torch.device(args.device).type == "cuda":  # TF32 convs differ from float32 by ~1e-2
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     info = json.loads((model_dir / "config.json").read_text())
     data = load_images("mnist5k")
     evaluator = DigitEvaluator(reference=data.heldout)
