@@ -574,7 +574,6 @@ def part_sampling(quick: bool, out_dir: Path) -> dict:
         "steps": steps,
         "model_step": info.get("step"),
         "model_command": info.get("command"),
-        "final_model_marker": Path("/work/runs/FINAL_MODEL_READY").exists(),
         "rows": rows,
         "command": _command(),
     }
@@ -797,8 +796,7 @@ def sampling_section(r: dict) -> tuple[list[str], plt.Figure]:
         "## 3. Hub-prior latents for a diffusion model (DDIM as a deterministic generator)",
         "",
         f"Command: `{r['command']}` ({_load(r)}). Model: the shipped `mnist5k` (training step "
-        f"{r['model_step']}; {r['model_command']}; final-model marker present: "
-        f"{r['final_model_marker']}). Generator: `sample(model, schedule, shape, "
+        f"{r['model_step']}; {r['model_command']}). Generator: `sample(model, schedule, shape, "
         f"steps={r['steps']}, eta=0.0, x_T=z)`, a deterministic map from a 784-d latent to an "
         f"image. {r['n']:,} images per row (K = {r['steps']} and this count keep the part "
         "within about 15 minutes of the 2-core CPU). Hub prior: `HubPriorSampler((1, 28, 28), "

@@ -776,14 +776,13 @@ def write_doc(args, plan, numbers, info, moments, final) -> None:
         f"benchmarks/optimal_variance.py {' '.join(sys.argv[1:])}` "
         f"({time.strftime('%Y-%m-%d')}), total {total / 60:.1f} min of wall time.  ",
         f"Model: the shipped `mnist5k` model (step {info.get('step')}, "
-        f"{info.get('command', 'n/a')!r}); "
-        + (
-            "the final model (marker present)."
-            if final
-            else "**not** the final model: the marker /work/runs/FINAL_MODEL_READY was absent."
-        ),
+        f"{info.get('command', 'n/a')!r}).",
         "",
-        "Everything below is subsampled for CPU time; the sizes are stated with each table.",
+        (
+            "Everything below is subsampled for CPU time; the sizes are stated with each table."
+            if args.device == "cpu"
+            else "Sizes (stated with each table) are those of the plan below."
+        ),
         f"Plan: `{json.dumps(plan)}`.",
         "",
         "## Cost of the moments",
