@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import itertools
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +26,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from scipy import integrate, stats
 
 from kexue.distributions import (
     perturbed_argmax_cross_entropy,
@@ -39,6 +38,10 @@ from kexue.tour.report import Table, markdown_table
 from kexue.tour.timing import median_ms
 
 ROOT = Path(__file__).resolve().parents[1]
+# the independent float64 reference of the tests (scipy adaptive quadrature, nothing from kexue)
+sys.path.insert(0, str(ROOT / "tests" / "distributions"))
+from perturbed_argmax_reference import reference_probs as scipy_probs  # noqa: E402
+
 DOCS = ROOT / "docs" / "benchmarks"
 BATCH = 64
 SCALES = (0.3, 1.0, 3.0)  # score spreads, cycled over the rows of a batch
@@ -51,56 +54,12 @@ RULE_LABEL = {
 KS = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 GOAL_ERROR = 1e-6
 FAMILY_N = 30  # Laplace/uniform references split at every kink: n(n-1) pieces
-SCIPY_FAMILY = {
-    "normal": lambda width: stats.norm(),
-    "gumbel": lambda width: stats.gumbel_r(),
-    "logistic": lambda width: stats.logistic(),
-    "laplace": lambda width: stats.laplace(),
-    "uniform": lambda width: stats.uniform(0.0, width),
-}
 
 
 def scores(n: int, rows: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     scale = torch.tensor([SCALES[r % len(SCALES)] for r in range(rows)], dtype=torch.float64)
     return torch.randn(rows, n, generator=gen, dtype=torch.float64) * scale[:, None]
-
-
-def scipy_probs(mu, family: str, width: float = 1.0, tol: float = 1e-14) -> np.ndarray:
-    """``p`` for one score vector ``mu`` (length n), float64.
-
-    Smooth families: one vector-valued ``quad_vec`` over all classes. Laplace and uniform:
-    class by class with ``quad`` on the pieces between the kinks of that class's integrand
-    (where an argument ``mu_i - mu_j + e`` crosses 0, or ``w`` for uniform noise).
-    """
-    mu = np.asarray(mu, dtype=np.float64)
-    dist = SCIPY_FAMILY[family](width)
-    d = mu[:, None] - mu[None, :]
-    np.fill_diagonal(d, np.inf)  # Phi(inf) = 1 drops j = i from the product
-    lo, hi = dist.support()
-    if family not in ("laplace", "uniform"):
-
-        def integrand(e: float) -> np.ndarray:
-            with np.errstate(divide="ignore", over="ignore"):
-                return np.exp(dist.logcdf(d + e).sum(1) + dist.logpdf(e))
-
-        total = integrate.quad_vec(integrand, lo, hi, epsabs=tol, epsrel=tol, norm="max")[0]
-        return total / total.sum()
-    total = np.zeros(len(mu))
-    for i, row in enumerate(d):
-        kinks = -row[np.isfinite(row)]
-        kinks = np.concatenate([kinks, kinks + width] if family == "uniform" else [kinks, [0.0]])
-        edges = [lo, *sorted({float(k) for k in kinks if lo < k < hi}), hi]
-
-        def integrand_i(e: float, row=row) -> float:
-            with np.errstate(divide="ignore"):
-                return float(np.exp(dist.logcdf(row + e).sum() + dist.logpdf(e)))
-
-        total[i] = sum(
-            integrate.quad(integrand_i, a, b, epsabs=tol, epsrel=tol, limit=200)[0]
-            for a, b in itertools.pairwise(edges)
-        )
-    return total / total.sum()
 
 
 def references(mu: torch.Tensor, family: str) -> tuple[np.ndarray, float]:
