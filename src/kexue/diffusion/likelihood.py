@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from kexue.diffusion.moments import model_placement
-from kexue.diffusion.sampler import resolve_steps
+from kexue.diffusion.sampler import _check_variance_tensor, resolve_steps
 from kexue.diffusion.schedule import NoiseSchedule
 from kexue.diffusion.variance import fixed_variance, jump_coefficients
 from kexue.progress import progress_bar
@@ -112,21 +112,7 @@ def _variance_table(
             raise ValueError(f"a variance name must be 'small' or 'large', got {spec!r}")
         return fixed_variance(schedule, kept, spec, last_step="decoder", cap_second_last=None)
     if isinstance(spec, Tensor):
-        var = spec.double()
-        if var.ndim == 0 or var.shape[0] != len(kept):
-            raise ValueError(
-                f"a per-step variance needs one entry per kept step ({len(kept)}) in dim 0, got "
-                f"shape {tuple(var.shape)}"
-            )
-        try:
-            torch.broadcast_shapes(var.shape[1:], shape)
-        except RuntimeError:
-            raise ValueError(
-                f"per-step variance entries of shape {tuple(var.shape[1:])} must broadcast to "
-                f"the image shape {shape}"
-            ) from None
-        if not torch.isfinite(var).all() or (var < 0).any():
-            raise ValueError("variance must be finite and non-negative at every step")
+        var = _check_variance_tensor(spec.double(), len(kept), tuple(shape))
         if (var[0] <= 0).any():
             raise ValueError(
                 "variance[0], the decoder's variance for the last jump, must be positive; build "
