@@ -316,8 +316,8 @@ def write_doc(raw: dict) -> Path:
         f"67,349 training sentences (subset seed 0, the same for every run; mean "
         f"{raw['runs'][0]['mean_train_tokens']:.1f} tokens); accuracy on the full dev set "
         f"({raw['runs'][0]['eval_examples']} sentences). The size keeps the whole benchmark "
-        "(15 training runs, full fine-tuning the slowest) within about half an hour on 2 "
-        "CPU cores.",
+        f"({len(raw['runs'])} training runs, full fine-tuning the slowest) within "
+        f"{raw['seconds'] / 60:.0f} min on 2 CPU cores.",
         f"- Seeds {raw['seeds']}: they change the initialisation of what trains, the batch order "
         "and dropout; the subset stays fixed.",
         f"- Every method: {base['epochs']} epochs, batch {base['batch_size']}, texts truncated to "
