@@ -88,6 +88,23 @@ PLANS = {
         "ablation_n": 1000,
         "fd_boot": 30,
     },
+    "claims": {  # the K = 10 claims at n = 1000 (CPU: about 15 minutes)
+        "batch": 250,
+        "train_steps": 20,
+        "truth_n": 100,
+        "moment_images": 64,
+        "nll_images": 100,
+        "nll_images_full_T": 0,
+        "nll_ks": (10,),
+        "quality_n": 1000,
+        "quality_ks": (10,),
+        "ddim_extra_ks": (25, 50),
+        "head_ks": (10,),
+        "large_ks": (10,),
+        "head_steps": 250,
+        "ablation_n": 150,
+        "fd_boot": 20,
+    },
     "quick": {
         "batch": 250,
         "train_steps": 6,
@@ -302,11 +319,22 @@ def main() -> None:
     )
     parser.add_argument("--large", action="store_true", help="large sizes, for an accelerator")
     parser.add_argument(
+        "--claims", action="store_true", help="K = 10 claims only, 1,000 samples per row"
+    )
+    parser.add_argument(
         "--tag", default="", help="suffix of the file names (e.g. 'gpu': optimal_variance_gpu.md)"
     )
     args = parser.parse_args()
     plan = PLANS[
-        "smoke" if args.smoke else "quick" if args.quick else "large" if args.large else "full"
+        "smoke"
+        if args.smoke
+        else "quick"
+        if args.quick
+        else "large"
+        if args.large
+        else "claims"
+        if args.claims
+        else "full"
     ]
     args.png = f"optimal-variance{'-' + args.tag if args.tag else ''}"
     clock = Clock()
