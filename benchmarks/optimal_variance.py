@@ -311,12 +311,6 @@ def main() -> None:
         default=None,
         help="a --cost-only JSON measured on the CPU, reported next to this run's own",
     )
-    parser.add_argument(
-        "--final-marker",
-        type=Path,
-        default=Path("/work/runs/FINAL_MODEL_READY"),
-        help="file whose presence says the shipped model is the final one",
-    )
     parser.add_argument("--large", action="store_true", help="large sizes, for an accelerator")
     parser.add_argument(
         "--claims", action="store_true", help="K = 10 claims only, 1,000 samples per row"
@@ -349,8 +343,7 @@ def main() -> None:
     data = load_images("mnist5k")
     evaluator = DigitEvaluator(reference=data.heldout)
     held = data.heldout.double()
-    final = args.final_marker.exists()
-    numbers: dict = {"plan": plan, "model_step": info.get("step"), "final_marker": final}
+    numbers: dict = {"plan": plan, "model_step": info.get("step")}
     T = schedule.T
 
     # -- 1. cost --------------------------------------------------------------------------
@@ -783,12 +776,12 @@ def main() -> None:
     numbers["nll"] = nll_rows
     numbers["dp_paths"] = {k: v for k, v in dp_paths.items()}
     numbers["stages"] = clock.stages
-    write_doc(args, plan, numbers, info, moments, final)
+    write_doc(args, plan, numbers, info, moments)
     clock.lap("document")
     print(f"total {time.perf_counter() - clock.start:.0f} s")
 
 
-def write_doc(args, plan, numbers, info, moments, final) -> None:
+def write_doc(args, plan, numbers, info, moments) -> None:
     cond = numbers["conditioning"]
     machine = machine_info()
     total = sum(s for _, s in numbers["stages"])
