@@ -13,7 +13,6 @@ file, so a truncated or altered file is reported instead of loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,39 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from kexue.io import fsync_dir, sha256_file, write_json_atomic
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupted."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def optimizer_to_flat(state: dict) -> tuple[dict[str, Tensor], dict]:
@@ -103,13 +74,13 @@ def save_checkpoint(
         save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(path))
         with open(path, "rb+") as fh:
             os.fsync(fh.fileno())
-        files[path.name] = _sha256(path)
+        files[path.name] = sha256_file(path)
     write_json_atomic(tmp / "state.json", {"step": step, "files": files, **state})
     final = root / name
     if final.exists():  # a previous attempt at this very step: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     write_json_atomic(root / "latest.json", {"step": step, "dir": name})
     _prune(root, keep, current=name)
     return final
@@ -161,7 +132,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dic
         file = path / file_name
         if not file.exists():
             raise CheckpointError(f"checkpoint {path} is missing {file_name}")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise CheckpointError(
                 f"checkpoint {path}: {file_name} does not match its recorded SHA-256 "
                 "(truncated or altered); refusing to load it"

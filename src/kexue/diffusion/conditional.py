@@ -209,14 +209,12 @@ class VarianceHead(nn.Module):
         model's SHA-256, so loading onto another base model is refused)."""
         from safetensors.torch import save_file
 
-        from kexue.diffusion.checkpoint import write_json_atomic
+        from kexue.io import atomic_write, write_json_atomic
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".head.safetensors.tmp-{id(self)}"
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
-                  str(tmp))  # fmt: skip
-        tmp.replace(path / "head.safetensors")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
+        atomic_write(path / "head.safetensors", lambda tmp: save_file(state, tmp))
         meta = {
             "format": "kexue.diffusion.variance_head/1",
             "kind": self.kind,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,21 +222,17 @@ class DiffusionMoments:
         the tensors' SHA-256), each through a temporary file and ``os.replace``."""
         from safetensors.torch import save_file
 
-        from kexue.diffusion.checkpoint import _sha256, write_json_atomic
+        from kexue.io import atomic_write, sha256_file, write_json_atomic
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
         for key, value in (self.per_image or {}).items():
             tensors[f"per_image.{key}"] = value.contiguous()
-        tmp = path / f".moments.safetensors.tmp-{os.getpid()}"
-        save_file(tensors, str(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path / "moments.safetensors")
+        atomic_write(path / "moments.safetensors", lambda tmp: save_file(tensors, tmp))
         meta = {
             "format": FORMAT,
-            "sha256": _sha256(path / "moments.safetensors"),
+            "sha256": sha256_file(path / "moments.safetensors"),
             "data_var": self.data_var,
             "num_images": self.num_images,
             "image_shape": list(self.image_shape),
@@ -253,7 +248,7 @@ class DiffusionMoments:
         """Read moments written by :meth:`save` (safetensors + JSON; never unpickles)."""
         from safetensors.torch import load_file
 
-        from kexue.diffusion.checkpoint import _sha256
+        from kexue.io import sha256_file
 
         path = Path(path)
         meta_file, tensor_file = path / "moments.json", path / "moments.safetensors"
@@ -265,7 +260,7 @@ class DiffusionMoments:
             raise ValueError(f"{meta_file} is corrupted: {err}") from err
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_file} is not a {FORMAT} file (format={meta.get('format')!r})")
-        if _sha256(tensor_file) != meta.get("sha256"):
+        if sha256_file(tensor_file) != meta.get("sha256"):
             raise ValueError(
                 f"{tensor_file} does not match the SHA-256 recorded in moments.json "
                 "(truncated, altered or from another save); refusing to load it"

@@ -32,13 +32,13 @@ from kexue.diffusion.checkpoint import (
     optimizer_from_flat,
     optimizer_to_flat,
     save_checkpoint,
-    write_json_atomic,
 )
 from kexue.diffusion.data import ImageData, load_images
 from kexue.diffusion.images import save_image_grid
 from kexue.diffusion.sampler import sample
 from kexue.diffusion.schedule import NoiseSchedule
 from kexue.diffusion.unet import UNet, UNetConfig
+from kexue.io import write_json_atomic
 from kexue.progress import progress_bar
 
 

@@ -211,7 +211,7 @@ def train(
         metrics["lst_config"] = config.to_dict()
         metrics["gates"] = {k: v.tolist() for k, v in model.gate_values().items()}
     meta = {"num_labels": num_labels, "backbone": str(backbone), "max_length": max_length}
-    from kexue.lst.model import atomic_write
+    from kexue.io import atomic_write
 
     save_classifier(model, method, out, meta)
     text = json.dumps(metrics, indent=2) + "\n"

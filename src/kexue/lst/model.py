@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
+from kexue.io import atomic_write
 from kexue.lst.backbones import Backbone, BackboneStates, backbone_adapter
 from kexue.lst.config import LSTConfig
 from kexue.lst.pruning import (
@@ -359,19 +359,6 @@ def _checksum(model: nn.Module) -> str:
         q = p.detach().double()
         total += torch.stack([q.sum(), q.square().sum()])
     return f"{total[0].item():.10e}/{total[1].item():.10e}"
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it onto ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def get_lst_model(

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from kexue.io import atomic_write
 from kexue.lst.config import LSTConfig
 from kexue.lst.data import Encoded
-from kexue.lst.model import BackboneCache, LSTModel, atomic_write, get_lst_model
+from kexue.lst.model import BackboneCache, LSTModel, get_lst_model
 from kexue.lst.side import pool
 
 METHODS = ("lst", "full", "lora")
