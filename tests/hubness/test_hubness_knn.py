@@ -175,6 +175,16 @@ def test_bad_points_name_the_argument_and_the_row():
         knn(zero, 2, metric="cosine")
 
 
+def test_faiss_cosine_rejects_all_zero_rows_like_torch():
+    pytest.importorskip("faiss")
+    zero = _points(10, 3)
+    zero[2] = 0
+    with pytest.raises(ValueError, match=r"X has 1 all-zero row\(s\) \(first: 2\)"):
+        knn(zero, 2, metric="cosine", backend="faiss")
+    with pytest.raises(ValueError, match="Y has 1 all-zero row"):
+        knn(_points(10, 3), 2, Y=zero, metric="cosine", backend="faiss")
+
+
 def test_numpy_and_integer_input():
     X = np.arange(12, dtype=np.int64).reshape(6, 2) ** 2
     found = knn(X, 1)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kexue.ops.logsumexp import compute_dtype
+
 METRICS = ("euclidean", "cosine")
 BACKENDS = ("auto", "torch", "faiss")
 INDEXES = ("flat", "ivf", "hnsw")
@@ -98,10 +100,6 @@ def _check_k(k: object, limit: int, why: str) -> int:
     if k > limit:
         raise ValueError(f"k={k} is too large: {why}")
     return k
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _normalised(X: Tensor, name: str) -> Tensor:
@@ -391,11 +389,12 @@ def _faiss_search(
     params: Mapping[str, Any],
 ) -> Neighbors:
     faiss = _import_faiss()
-    base = X.detach().to("cpu", torch.float32).numpy()
-    queries = base if Q is None else Q.detach().to("cpu", torch.float32).numpy()
-    if metric == "cosine":
-        base = base / np.linalg.norm(base, axis=1, keepdims=True)
-        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    X = X.detach().to("cpu", torch.float32)
+    Q = X if Q is None else Q.detach().to("cpu", torch.float32)
+    if metric == "cosine":  # the torch path's check: an all-zero row has no direction
+        X = _normalised(X, "X")
+        Q = X if Q is X else _normalised(Q, "Y")
+    base, queries = X.numpy(), Q.numpy()
     base, queries = np.ascontiguousarray(base), np.ascontiguousarray(queries)
     built = _faiss_index(faiss, base, metric, index, params)
     extra = 1 if self_index is not None else 0
@@ -413,7 +412,7 @@ def _faiss_search(
     else:
         dist = np.sqrt(np.clip(dist, 0.0, None))
     dist[missing] = np.inf
-    out_dtype = _work_dtype(X.dtype)
+    out_dtype = compute_dtype(X.dtype)
     return Neighbors(
         torch.from_numpy(dist).to(device=X.device, dtype=out_dtype),
         torch.from_numpy(idx.astype(np.int64)).to(X.device),
@@ -512,7 +511,7 @@ def knn(
             Q = X[select]
         if exclude_self:
             self_index = select
-    work = torch.promote_types(_work_dtype(X.dtype), _work_dtype(Q.dtype))
+    work = torch.promote_types(compute_dtype(X.dtype), compute_dtype(Q.dtype))
     if backend == "faiss":
         queries = None if (Y is None and rows is None) else Q
         return _faiss_search(X, queries, k, metric, self_index, index, dict(index_params or {}))

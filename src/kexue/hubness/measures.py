@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kexue.hubness.knn import METRICS, Neighbors, knn
+from kexue.hubness.knn import knn
 
 MEASURES = (
     "k_skewness",
@@ -299,9 +299,7 @@ class Hubness:
         ``y`` is ignored (scikit-learn convention). Returns ``self``.
         """
         ks = self._k_values()
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
-        _check_hub_size(self.hub_size)
+        _check_hub_size(self.hub_size)  # the metric is checked by knn before any work
         atkinson_index([1, 2], self.atkinson_eps)  # validates atkinson_eps
         found = knn(
             X,
@@ -316,7 +314,7 @@ class Hubness:
         n = int(X.shape[0])
         counts = torch.stack([occurrence_counts(found.indices[:, :k], n) for k in ks])
         self.k_values_ = ks
-        self.neighbors_ = Neighbors(found.distances, found.indices)
+        self.neighbors_ = found
         self.k_occurrence_ = counts
         self.scores_ = {
             k: hubness_scores(
