@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from kexue.distributions.noise import NoiseFamily, noise_family
 from kexue.distributions.quadrature import RULES, quadrature_rule
+from kexue.losses.reduction import check_reduction, reduce_loss
 from kexue.ops import logsumexp
 from kexue.ops.logsumexp import check_float_tensor, compute_dtype, exp_flush_
 
@@ -35,7 +36,6 @@ from kexue.ops.logsumexp import check_float_tensor, compute_dtype, exp_flush_
 # row, never batch x n x n x K.
 _BLOCK = 1 << 17
 _BLOCK_ACCELERATOR = 1 << 24
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def _budget(device: torch.device, n: int, k: int) -> int:
@@ -277,8 +277,7 @@ def perturbed_argmax_cross_entropy(
         The loss, reduced or with ``target``'s shape. It is ``+inf`` only where a
         bounded-support family (uniform) gives the target exactly zero probability.
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     _check_mu(mu, dim)
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
@@ -295,11 +294,7 @@ def perturbed_argmax_cross_entropy(
     log_p = perturbed_argmax_log_probs(mu, noise, num_nodes=num_nodes, rule=rule, dim=dim)
     log_p = log_p.movedim(dim, -1)
     loss = -log_p.gather(-1, target.long()[..., None]).squeeze(-1)
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    return reduce_loss(loss, reduction)
 
 
 class PerturbedArgmaxCrossEntropy(nn.Module):
@@ -314,8 +309,7 @@ class PerturbedArgmaxCrossEntropy(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        check_reduction(reduction)
         self.noise, self.num_nodes = noise_family(noise), num_nodes
         self.rule, self.reduction = _check_quadrature(num_nodes, rule, self.noise), reduction
 

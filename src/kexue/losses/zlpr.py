@@ -18,11 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from kexue.losses.reduction import check_reduction, reduce_loss
 from kexue.ops import logsumexp
 from kexue.ops.logsumexp import check_float_tensor, compute_dtype, exp_flush_
-
-_REDUCTIONS = ("mean", "sum", "none")
-
 
 # With |s| < R, exp(s) and exp(-s) are normal floats and n of them sum to less than
 # exp(_SUM_CAP) (finite), so the terms need no max-shift.
@@ -114,21 +112,6 @@ class _DenseZLPR(torch.autograd.Function):
         return out, None, None, None
 
 
-def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
-
-def _reduce(loss: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
-    if weight is not None:
-        loss = loss * weight
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
 def _check_weight(weight: Tensor | None, rows: torch.Size) -> Tensor | None:
     if weight is None:
         return None
@@ -211,7 +194,7 @@ def zlpr_loss(
             f"targets must have the same shape as scores {tuple(scores.shape)}, "
             f"got {tuple(targets.shape)}"
         )
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if not (isinstance(eps, int | float) and 0 <= eps < 0.5):
         raise ValueError(f"eps must be a number in [0, 0.5), got {eps!r}")
     weight = _check_weight(weight, scores.shape[:-1])
@@ -242,7 +225,7 @@ def zlpr_loss(
             )
         t = targets.to(s.dtype)
         if targets.requires_grad:
-            return _reduce(_composite_zlpr(s, t, keep, eps), weight, reduction)
+            return reduce_loss(_composite_zlpr(s, t, keep, eps), reduction, weight)
     elif targets.dtype == torch.bool:
         t = targets
     else:
@@ -253,7 +236,7 @@ def zlpr_loss(
     n = s.shape[-1]
     flat_keep = keep.reshape(-1, n) if keep is not None else None
     loss = _DenseZLPR.apply(s.reshape(-1, n), t.reshape(-1, n), flat_keep, float(eps))
-    return _reduce(loss.reshape(rows), weight, reduction)
+    return reduce_loss(loss.reshape(rows), reduction, weight)
 
 
 def _composite_zlpr(s: Tensor, t: Tensor, keep: Tensor | None, eps: float) -> Tensor:
@@ -299,7 +282,7 @@ def sparse_zlpr_loss(
             f"positives must have shape (..., k) with the leading dims of scores "
             f"{tuple(scores.shape[:-1])}, got {tuple(positives.shape)}"
         )
-    _check_reduction(reduction)
+    check_reduction(reduction)
     weight = _check_weight(weight, scores.shape[:-1])
     n = scores.shape[-1]
     positives = positives.long()
@@ -328,7 +311,7 @@ def sparse_zlpr_loss(
         rows = torch.nn.functional.pad(s[hard], (0, 1)).scatter(-1, positives[hard], -math.inf)
         exact = logsumexp(rows[..., :n], implicit_zero=True)
         neg = neg.index_put((hard,), exact)
-    return _reduce(pos + neg.clamp_min(0.0), weight, reduction)
+    return reduce_loss(pos + neg.clamp_min(0.0), reduction, weight)
 
 
 def zlpr_probabilities(scores: Tensor) -> Tensor:
@@ -350,7 +333,7 @@ class ZLPRLoss(nn.Module):
         self, *, threshold: float = 0.0, reduction: str = "mean", eps: float = 1e-7
     ) -> None:
         super().__init__()
-        _check_reduction(reduction)
+        check_reduction(reduction)
         self.threshold, self.reduction, self.eps = threshold, reduction, eps
 
     def forward(
@@ -381,7 +364,7 @@ class SparseZLPRLoss(nn.Module):
         self, *, ignore_index: int = -1, reduction: str = "mean", threshold: float = 0.0
     ) -> None:
         super().__init__()
-        _check_reduction(reduction)
+        check_reduction(reduction)
         self.ignore_index, self.reduction, self.threshold = ignore_index, reduction, threshold
 
     def forward(self, scores: Tensor, positives: Tensor, weight: Tensor | None = None) -> Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kexue.datasets import digits8x8
 from kexue.distributions import (
     PerturbedArgmax,
     noise_family,
@@ -116,11 +117,8 @@ class HeadResult:
 
 
 def _digits(gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
+    images, y = digits8x8()
+    x = images.flatten(1)
     order = torch.randperm(len(x), generator=gen)
     x, y = x[order], y[order]
     cut = int(0.75 * len(x))
