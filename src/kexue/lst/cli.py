@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -79,8 +78,10 @@ def train(
         TimeRemainingColumn,
     )
 
+    from kexue.io import write_json_atomic
     from kexue.lst.config import LSTConfig
     from kexue.lst.data import encode, read_tsv
+    from kexue.lst.model import trainable_parameters
     from kexue.lst.train import (
         DEFAULT_LR,
         METHODS,
@@ -90,7 +91,6 @@ def train(
         load_backbone,
         save_classifier,
         train_classifier,
-        trainable_parameters,
     )
 
     if method not in METHODS:
@@ -211,11 +211,8 @@ def train(
         metrics["lst_config"] = config.to_dict()
         metrics["gates"] = {k: v.tolist() for k, v in model.gate_values().items()}
     meta = {"num_labels": num_labels, "backbone": str(backbone), "max_length": max_length}
-    from kexue.io import atomic_write
-
     save_classifier(model, method, out, meta)
-    text = json.dumps(metrics, indent=2) + "\n"
-    atomic_write(out / "metrics.json", lambda p: Path(p).write_text(text))
+    write_json_atomic(out / "metrics.json", metrics)
     typer.echo(
         f"{method}: eval_accuracy={acc:.4f} ({len(eval_set)} examples) "
         f"train_loss={metrics['final_loss']:.4f} trainable={trainable:,} "

@@ -115,7 +115,10 @@ class LSTConfig:
         return cls.from_dict(json.loads(text))
 
     def to_json_file(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        from kexue.io import atomic_write
+
+        text = self.to_json() + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> LSTConfig:

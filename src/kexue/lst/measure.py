@@ -52,6 +52,7 @@ def run(spec: dict) -> dict:
 
     from kexue.lst.config import LSTConfig
     from kexue.lst.data import encode, read_tsv
+    from kexue.lst.model import trainable_parameters
     from kexue.lst.train import (
         DEFAULT_LR,
         TrainSettings,
@@ -59,7 +60,6 @@ def run(spec: dict) -> dict:
         build_model,
         load_backbone,
         train_classifier,
-        trainable_parameters,
     )
 
     hf_logging.set_verbosity_error()

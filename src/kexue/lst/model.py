@@ -29,7 +29,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from kexue.io import atomic_write
+from kexue.io import atomic_write, write_json_atomic
 from kexue.lst.backbones import Backbone, BackboneStates, backbone_adapter
 from kexue.lst.config import LSTConfig
 from kexue.lst.pruning import (
@@ -44,6 +44,14 @@ from kexue.lst.side import SideStack, init_side_weights, pool
 CONFIG_NAME = "lst_config.json"
 WEIGHTS_NAME = "lst_model.safetensors"
 FORMAT_VERSION = 1
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(parameters that require grad, all parameters) of ``model``."""
+    return (
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        sum(p.numel() for p in model.parameters()),
+    )
 
 
 class SideNetwork(nn.Module):
@@ -124,8 +132,7 @@ class LSTModel(nn.Module):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), as in PEFT."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        return trainable_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -292,8 +299,7 @@ class LSTModel(nn.Module):
             "backbone": self._fingerprint(),
         }
         atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, {"format": "pt"}))
-        text = json.dumps(meta, indent=2) + "\n"
-        atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
+        write_json_atomic(folder / CONFIG_NAME, meta)
 
     @classmethod
     def from_pretrained(
@@ -318,9 +324,9 @@ class LSTModel(nn.Module):
             raise ValueError(
                 f"{folder} was written by a newer kexue (format {meta['format_version']})"
             )
-        config = LSTConfig.from_dict({**meta["config"], "init": "random"})
-        model = cls(backbone, config)
-        model.config = LSTConfig.from_dict(meta["config"])
+        model = cls(
+            backbone, LSTConfig.from_dict(meta["config"])
+        )  # init only matters in get_lst_model
         saved, here = meta["backbone"], model._fingerprint()
         for key in ("family", "model_type", "width", "num_layers", "vocab_size"):
             if saved.get(key) != here.get(key):
@@ -447,7 +453,7 @@ class BackboneCache:
             for i in range(mask.shape[0]):
                 keep = mask[i].bool()
                 s = out.encoder[:, i, keep]
-                self.states.append(s.to(dtype) if dtype is not None else s.clone())
+                self.states.append(s if dtype is None else s.to(dtype))  # masking already copied
                 last = out.encoder_last
                 self.lasts.append(None if last is None else last[i, keep].to(dtype or last.dtype))
             if on_batch is not None:

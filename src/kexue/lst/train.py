@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from kexue.io import atomic_write
+from kexue.io import atomic_write, write_json_atomic
 from kexue.lst.config import LSTConfig
 from kexue.lst.data import Encoded
 from kexue.lst.model import BackboneCache, LSTModel, get_lst_model
@@ -152,13 +152,6 @@ class TrainStats:
         return d
 
 
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    return (
-        sum(p.numel() for p in model.parameters() if p.requires_grad),
-        sum(p.numel() for p in model.parameters()),
-    )
-
-
 def _schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -284,8 +277,7 @@ def save_classifier(model: nn.Module, method: str, folder: str | Path, meta: dic
     if method == "lora":
         info["lora"] = LORA_SETTINGS
     path = folder / "classifier.json"
-    text = json.dumps(info, indent=2) + "\n"
-    atomic_write(path, lambda p: Path(p).write_text(text))
+    write_json_atomic(path, info)
     written.append(path)
     return written
 
