@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kexue.diffusion.moments import model_fingerprint
-from kexue.diffusion.sampler import VarianceFn, resolve_steps
+from kexue.diffusion.sampler import VarianceFn, check_eta, resolve_steps
 from kexue.diffusion.schedule import NoiseSchedule
 from kexue.diffusion.unet import UNet
 from kexue.diffusion.variance import LAST_STEP, SECOND_TO_LAST_CAP, jump_coefficients
@@ -179,8 +179,7 @@ class VarianceHead(nn.Module):
         second-to-last-step rules of :func:`~kexue.diffusion.variance.optimal_variance`."""
         if last_step not in LAST_STEP:
             raise ValueError(f"last_step must be one of {LAST_STEP}, got {last_step!r}")
-        if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta < math.inf:
-            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        eta = check_eta(eta)
         kept = resolve_steps(self.schedule, steps, spacing)
         coef = jump_coefficients(self.schedule, kept, float(eta))
         index = {t: i for i, t in enumerate(kept)}

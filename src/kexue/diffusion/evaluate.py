@@ -13,7 +13,6 @@ penultimate layer, 128-d) and class probabilities:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,10 +73,13 @@ def train_classifier(
 def save_classifier(model: DigitClassifier, folder: str | Path, info: dict) -> None:
     from safetensors.torch import save_file
 
+    from kexue.io import atomic_write, write_json_atomic
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), str(folder / "classifier.safetensors"))
-    (folder / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+    state = model.state_dict()
+    atomic_write(folder / "classifier.safetensors", lambda tmp: save_file(state, tmp))
+    write_json_atomic(folder / "config.json", info)
 
 
 def load_classifier(folder: str | Path = ASSET) -> DigitClassifier:

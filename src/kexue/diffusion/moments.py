@@ -44,11 +44,6 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def schedule_fingerprint(schedule: NoiseSchedule) -> str:
-    """SHA-256 of ``abar`` (float64): equal exactly when two schedules are the same numbers."""
-    return hashlib.sha256(schedule.abar.double().contiguous().numpy().tobytes()).hexdigest()
-
-
 @dataclass(frozen=True, eq=False)
 class DiffusionMoments:
     """Per-step moments of an eps-model, row ``t - 1`` holding step ``t`` (``t = 1..T``).

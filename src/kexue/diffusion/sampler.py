@@ -47,6 +47,13 @@ class Jump:
         return math.sqrt(max(self.bbar_s**2 - self.sigma2, 0.0))
 
 
+def check_eta(eta: float) -> float:
+    """``eta`` as a float; ``ValueError`` unless it is a finite number >= 0 (not a bool)."""
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not (0 <= eta < math.inf):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    return float(eta)
+
+
 def resolve_steps(
     schedule: NoiseSchedule, steps: int | Sequence[int] | None, spacing: str = "even"
 ) -> list[int]:
@@ -74,8 +81,7 @@ def jumps(
     ``1 - abar_t^2/abar_s^2``, the forward variance of the jump). The final jump to clean data
     adds no noise with the built-in choices.
     """
-    if not (isinstance(eta, int | float) and eta >= 0 and math.isfinite(eta)):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    eta = check_eta(eta)
     if variance not in (None, "small", "large"):
         raise ValueError(f"variance must be None, 'small' or 'large', got {variance!r}")
     abar, bbar = schedule.abar.tolist(), schedule.bbar.tolist()
@@ -190,6 +196,8 @@ def sample(
         if tuple(x_T.shape) != shape:
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
         x = x_T.to(dtype=dtype, device=device)
+    if isinstance(variance, Tensor):  # moved once, not at every step
+        per_step = per_step.to(dtype=x.dtype, device=x.device)
     trajectory = [x.cpu()] if return_trajectory else []
     batch = shape[0]
     with progress_bar(disable=not progress) as bar:
@@ -203,7 +211,7 @@ def sample(
                 eps = (x - jump.abar_t * x0) / jump.bbar_t
             mean = jump.abar_s * x0 + jump.direction * eps
             if isinstance(variance, Tensor):
-                var = per_step[len(plan) - 1 - index].to(dtype=x.dtype, device=x.device)
+                var = per_step[len(plan) - 1 - index]
             elif callable(variance):
                 var = torch.as_tensor(variance(x, jump.t, jump.s, eps), dtype=x.dtype)
                 if not torch.isfinite(var).all() or (var < 0).any():

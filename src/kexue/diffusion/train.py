@@ -38,7 +38,7 @@ from kexue.diffusion.images import save_image_grid
 from kexue.diffusion.sampler import sample
 from kexue.diffusion.schedule import NoiseSchedule
 from kexue.diffusion.unet import UNet, UNetConfig
-from kexue.io import write_json_atomic
+from kexue.io import atomic_write, write_json_atomic
 from kexue.progress import progress_bar
 
 
@@ -313,9 +313,8 @@ def export_model(run_dir: str | Path, target: str | Path, command: str = "") -> 
     tensors, state = load_checkpoint(run_dir)
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in tensors["ema"].items()}, str(target / "ema.safetensors")
-    )
+    ema = {k: v.contiguous() for k, v in tensors["ema"].items()}
+    atomic_write(target / "ema.safetensors", lambda tmp: save_file(ema, tmp))
     config = state["config"] | {"step": state["step"], "command": command}
     write_json_atomic(target / "config.json", config)
     return target

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from kexue.diffusion.moments import KINDS, DiffusionMoments
-from kexue.diffusion.sampler import resolve_steps
+from kexue.diffusion.sampler import check_eta, resolve_steps
 from kexue.diffusion.schedule import NoiseSchedule
 
 SECOND_TO_LAST_CAP = (2 * (2 / 255) * math.sqrt(math.pi / 2)) ** 2
@@ -53,12 +53,6 @@ def jump_coefficients(
     direction = torch.sqrt(torch.clamp(bbar[s] ** 2 - sigma2, min=0.0))
     gamma = abar[s] - abar[t] * direction / bbar[t]
     return {"sigma2": sigma2, "posterior": posterior, "forward": forward, "gamma": gamma}
-
-
-def _check_eta(eta: float) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not (0 <= eta < math.inf):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    return float(eta)
 
 
 def _finish(var: Tensor, last_step: str, cap_second_last: float | None, decoder: Tensor | None):
@@ -118,7 +112,7 @@ def optimal_variance(
         raise TypeError(f"moments must be DiffusionMoments, got {type(moments).__name__}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    eta = _check_eta(eta)
+    eta = check_eta(eta)
     moments.check(schedule, shape)
     kept = resolve_steps(schedule, steps, spacing)
     moments.check_steps(kept)
