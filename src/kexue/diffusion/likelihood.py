@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from kexue.diffusion.moments import model_placement
-from kexue.diffusion.sampler import _check_variance_tensor, resolve_steps
+from kexue.diffusion.sampler import _check_model_output, _check_variance_tensor, resolve_steps
 from kexue.diffusion.schedule import NoiseSchedule
 from kexue.diffusion.variance import fixed_variance, jump_coefficients
 from kexue.progress import progress_bar
@@ -220,15 +220,11 @@ def nll_bpd(
                 x_t = abar[t] * x0 + bbar[t] * eps
                 t_batch = torch.full((len(x0),), t, dtype=torch.long, device=device)
                 x_in = x_t.to(device=device, dtype=model_dtype)
-                out = eps_model(x_in, t_batch)
-                if not isinstance(out, Tensor) or out.shape != x_t.shape:
-                    raise ValueError(
-                        f"eps_model must return a tensor of the input's shape {tuple(x_t.shape)}"
-                    )
+                out = _check_model_output(eps_model(x_in, t_batch), x_in)
                 eps_theta = out.detach().to("cpu", torch.float64)
                 x0_hat = (x_t - bbar[t] * eps_theta) / abar[t]
                 if i > 0:
-                    c = torch.sqrt(torch.clamp(bbar[s] ** 2 - coef["sigma2"][i], min=0.0))
+                    c = coef["direction"][i]
                     diff2 = (abar[s] * (x0 - x0_hat) + c * (eps - eps_theta)) ** 2
                     sig2 = coef["sigma2"][i]
                 for name, table in tables.items():

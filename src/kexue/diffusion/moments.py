@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kexue.diffusion.sampler import _check_model_output
 from kexue.diffusion.schedule import NoiseSchedule
 from kexue.progress import progress_bar
 
@@ -395,11 +396,9 @@ def estimate_moments(
             view = (-1,) + (1,) * len(shape)
             a, b = abar[t].view(view), bbar[t].view(view)
             x_t = a * x0[i] + b * eps
-            out = eps_model(x_t.to(device=device, dtype=model_dtype), t.to(device))
-            if not isinstance(out, Tensor) or out.shape != x_t.shape:
-                raise ValueError(
-                    f"eps_model must return a tensor of the input's shape {tuple(x_t.shape)}"
-                )
+            out = _check_model_output(
+                eps_model(x_t.to(device=device, dtype=model_dtype), t.to(device)), x_t
+            )
             eps_theta = out.detach().to("cpu", torch.float64)
             x0_hat = (x_t - b * eps_theta) / a
             moment_d = (x0[i] - m) ** 2 - (x0_hat - m) ** 2

@@ -47,12 +47,24 @@ def jump_coefficients(
     t = torch.tensor(list(steps), dtype=torch.long)
     s = torch.cat([torch.zeros(1, dtype=torch.long), t[:-1]])
     abar, bbar = schedule.abar.double(), schedule.bbar.double()
-    forward = 1 - (abar[t] / abar[s]) ** 2
-    posterior = (bbar[s] / bbar[t]) ** 2 * forward
+    return _jump_terms(abar[s], abar[t], bbar[s], bbar[t], eta)
+
+
+def _jump_terms(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, eta: float) -> dict:
+    """Elementwise terms of a jump s -> t (any broadcastable shapes), also ``direction``
+    ``sqrt(bbar_s^2 - sigma^2)``, the weight of ``eps_theta`` in the mean."""
+    forward = 1 - (a_t / a_s) ** 2
+    posterior = (b_s / b_t) ** 2 * forward
     sigma2 = eta**2 * posterior
-    direction = torch.sqrt(torch.clamp(bbar[s] ** 2 - sigma2, min=0.0))
-    gamma = abar[s] - abar[t] * direction / bbar[t]
-    return {"sigma2": sigma2, "posterior": posterior, "forward": forward, "gamma": gamma}
+    direction = torch.sqrt(torch.clamp(b_s**2 - sigma2, min=0.0))
+    gamma = a_s - a_t * direction / b_t
+    return {
+        "sigma2": sigma2,
+        "posterior": posterior,
+        "forward": forward,
+        "gamma": gamma,
+        "direction": direction,
+    }
 
 
 def _finish(var: Tensor, last_step: str, cap_second_last: float | None, decoder: Tensor | None):
@@ -180,10 +192,9 @@ def jump_costs(
     s = torch.arange(T + 1)[:, None]
     t = torch.arange(T + 1)[None, :]
     valid = (s >= 1) & (s < t)
-    a_s, a_t, b_s, b_t = abar[s], abar[t], bbar[s], bbar[t].clamp_min(1e-300)
-    lam2 = ((b_s / b_t) ** 2 * (1 - (a_t / a_s) ** 2)).where(valid, torch.ones((), dtype=a_s.dtype))
-    direction = torch.sqrt(torch.clamp(b_s**2 - lam2, min=0.0))
-    gamma = a_s - a_t * direction / b_t
+    terms = _jump_terms(abar[s], abar[t], bbar[s], bbar[t].clamp_min(1e-300), 1.0)
+    lam2 = terms["posterior"].where(valid, torch.ones((), dtype=torch.float64))
+    gamma = terms["gamma"]  # entries off the valid (s < t) triangle are masked below
     zero = torch.zeros(1, dtype=torch.float64)
     sbar2 = moments.sbar2(kind, clip=clip)
     if sbar2.ndim > 1:
