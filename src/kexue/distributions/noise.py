@@ -79,9 +79,13 @@ class NoiseFamily:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> Tensor:
-        """I.i.d. draws of shape ``shape`` by inversion ``Phi^{-1}(U)``, ``U ~ U(0, 1)``."""
+        """I.i.d. draws of shape ``shape`` (by inversion ``Phi^{-1}(U)``, ``U ~ U(0, 1)``,
+        unless a family has a direct sampler)."""
         _check_dtype(dtype)
-        u = torch.rand(_shape(shape), generator=generator, dtype=dtype, device=device)
+        return self._sample(_shape(shape), generator, dtype, device)
+
+    def _sample(self, shape, generator, dtype, device) -> Tensor:
+        u = torch.rand(shape, generator=generator, dtype=dtype, device=device)
         return self._icdf(u.clamp_min_(torch.finfo(dtype).tiny))
 
     def _cdf(self, x: Tensor) -> Tensor:
@@ -200,16 +204,8 @@ class NormalNoise(NoiseFamily):
     def _isf(self, v: Tensor) -> Tensor:
         return -torch.special.ndtri(v)
 
-    def sample(
-        self,
-        shape: Shape,
-        *,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> Tensor:
-        _check_dtype(dtype)
-        return torch.randn(_shape(shape), generator=generator, dtype=dtype, device=device)
+    def _sample(self, shape, generator, dtype, device) -> Tensor:
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
     def kernel_log_cdf_(self, x: Tensor) -> Tensor:
         lo, hi = _NORMAL_RANGE.get(x.dtype, _NORMAL_RANGE[torch.float32])
