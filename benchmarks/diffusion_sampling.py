@@ -25,8 +25,8 @@ from kexue.diffusion import NoiseSchedule, UNet, sample
 from kexue.diffusion.evaluate import DigitEvaluator
 from kexue.diffusion.pretrained import ASSETS
 from kexue.diffusion.train import TrainConfig, Trainer, load_model
-from kexue.tour.machine import machine_info
-from kexue.tour.report import Table, markdown_table
+from kexue.experiments.machine import machine_info
+from kexue.experiments.tables import Table, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"

@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from scipy import stats
 
+from kexue.experiments.machine import machine_info
+from kexue.experiments.tables import Table, markdown_table
 from kexue.hubness import k_occurrence, k_skewness, knn, neighbor_recall, occurrence_counts
 from kexue.hubness.knn import _GROUP, _smallest_k  # the selection step alone (ablation)
-from kexue.tour.machine import machine_info
-from kexue.tour.report import Table, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"

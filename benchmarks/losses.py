@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from kexue.tour.machine import machine_info
-from kexue.tour.multilabel import (
+from kexue.experiments.machine import machine_info
+from kexue.experiments.multilabel import (
     Split,
     TrainConfig,
     compare_methods,
@@ -39,8 +39,8 @@ from kexue.tour.multilabel import (
     summarize,
     trainings_needed,
 )
-from kexue.tour.report import Table, markdown_table
-from kexue.tour.speed import LOSS_HEADERS, LSE_HEADERS, loss_speed_rows, lse_speed_rows
+from kexue.experiments.speed import LOSS_HEADERS, LSE_HEADERS, loss_speed_rows, lse_speed_rows
+from kexue.experiments.tables import Table, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "multilabel" / "bibtex.arff"

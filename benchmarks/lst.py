@@ -30,9 +30,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from kexue.experiments.machine import machine_info
+from kexue.experiments.tables import Table, markdown_table
 from kexue.lst.measure import measure_in_subprocess
-from kexue.tour.machine import machine_info
-from kexue.tour.report import Table, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "glue" / "SST-2"

@@ -33,9 +33,9 @@ from kexue.distributions import (
     perturbed_argmax_probs,
     uniform,
 )
-from kexue.tour.machine import machine_info
-from kexue.tour.report import Table, markdown_table
-from kexue.tour.timing import median_ms
+from kexue.experiments.machine import machine_info
+from kexue.experiments.tables import Table, markdown_table
+from kexue.experiments.timing import median_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 # the independent float64 reference of the tests (scipy adaptive quadrature, nothing from kexue)

@@ -11,9 +11,12 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+_UMASK_LOCK = threading.Lock()
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -28,16 +31,33 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where ``/proc`` allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # elsewhere: set and restore it at once
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it onto ``path``.
 
     ``write`` receives the temporary file's name (e.g. ``lambda p: save_file(tensors, p)``);
-    on any error the temporary file is removed and ``path`` is left as it was.
+    on any error the temporary file is removed and ``path`` is left as it was. The file gets
+    the mode a plain ``open(path, "w")`` would give (``0o666`` less the umask), not the
+    ``0o600`` of a temporary file, so runs can be shared.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -49,10 +69,20 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     return path
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` with :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def write_json_atomic(path: str | Path, payload: Any) -> Path:
     """Write ``payload`` as indented JSON to ``path`` with :func:`atomic_write`."""
     text = json.dumps(payload, indent=2)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str | Path) -> str:

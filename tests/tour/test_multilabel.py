@@ -7,9 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score
 
-from kexue.losses import zlpr_loss
-from kexue.tour.data import digit_canvases
-from kexue.tour.multilabel import (
+from kexue.experiments.canvases import digit_canvases
+from kexue.experiments.multilabel import (
     METHODS,
     Split,
     TrainConfig,
@@ -21,6 +20,7 @@ from kexue.tour.multilabel import (
     sentinel_zlpr,
     tune_threshold,
 )
+from kexue.losses import zlpr_loss
 
 
 def test_metrics_match_scikit_learn():

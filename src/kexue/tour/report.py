@@ -9,16 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-Number = int | float | str | bool | None
-
-
-@dataclass
-class Table:
-    """A table of results; ``rows`` hold numbers or strings, one list per row."""
-
-    caption: str
-    headers: list[str]
-    rows: list[list[Number]]
+from kexue.experiments.tables import Number, Table, format_number
 
 
 @dataclass
@@ -43,30 +34,6 @@ class Section:
     figures: list[Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _fmt(value: Number) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-            return f"{value:.3g}"
-        return f"{value:.4g}"
-    return str(value)
-
-
-def markdown_table(table: Table) -> str:
-    """GitHub-flavoured Markdown for ``table`` (used by the benchmark documents)."""
-    lines = [
-        "| " + " | ".join(table.headers) + " |",
-        "|" + "|".join(" --- " for _ in table.headers) + "|",
-    ]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.rows]
-    return "\n".join(lines)
 
 
 def _clean(value: Any) -> Any:
@@ -125,7 +92,9 @@ def write_html(sections: list[Section], meta: dict[str, Any], path: Path) -> Non
             parts += [f"<th>{esc(h)}</th>" for h in t.headers]
             parts.append("</tr>")
             for row in t.rows:
-                parts.append("<tr>" + "".join(f"<td>{esc(_fmt(v))}</td>" for v in row) + "</tr>")
+                parts.append(
+                    "<tr>" + "".join(f"<td>{esc(format_number(v))}</td>" for v in row) + "</tr>"
+                )
             parts.append("</table>")
         for f in s.figures:
             parts.append(
@@ -137,7 +106,8 @@ def write_html(sections: list[Section], meta: dict[str, Any], path: Path) -> Non
         if s.numbers:
             parts.append("<details><summary>All numbers of this section</summary><table>")
             parts += [
-                f"<tr><td>{esc(k)}</td><td>{esc(_fmt(v))}</td></tr>" for k, v in s.numbers.items()
+                f"<tr><td>{esc(k)}</td><td>{esc(format_number(v))}</td></tr>"
+                for k, v in s.numbers.items()
             ]
             parts.append("</table></details>")
         parts.append(f"<p class='meta'>section time {s.seconds:.1f} s</p>")

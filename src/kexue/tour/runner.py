@@ -26,7 +26,7 @@ from rich.progress import (
 )
 
 from kexue import __version__
-from kexue.tour.machine import machine_info
+from kexue.experiments.machine import machine_info
 from kexue.tour.report import Figure, Section, write_html, write_json
 
 T = TypeVar("T")

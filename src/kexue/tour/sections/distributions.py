@@ -25,9 +25,9 @@ from kexue.distributions import (
     perturbed_argmax_probs,
     uniform,
 )
+from kexue.experiments.timing import median_ms
 from kexue.tour.report import Figure, Section, Table
 from kexue.tour.runner import SectionContext
-from kexue.tour.timing import median_ms
 
 TITLE = "Probability maps from perturbed argmax (kexue.distributions)"
 FAMILIES = ("gumbel", "normal", "logistic", "laplace", "uniform")

@@ -6,8 +6,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from kexue.tour.data import digit_canvases, mnist5k
-from kexue.tour.multilabel import (
+from kexue.experiments.canvases import digit_canvases, mnist5k
+from kexue.experiments.multilabel import (
     Split,
     TrainConfig,
     compare_methods,
@@ -16,9 +16,9 @@ from kexue.tour.multilabel import (
     summarize,
     trainings_needed,
 )
+from kexue.experiments.speed import LOSS_HEADERS, loss_speed_rows
 from kexue.tour.report import Section, Table
 from kexue.tour.runner import SectionContext
-from kexue.tour.speed import LOSS_HEADERS, loss_speed_rows
 
 TITLE = "Multi-label classification with ZLPR (kexue.losses)"
 CLASS_WEIGHTS = 0.6 ** torch.arange(10, dtype=torch.float32)  # class 9 is ~100x rarer than 0

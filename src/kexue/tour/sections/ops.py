@@ -8,10 +8,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from kexue.experiments.speed import LSE_HEADERS, lse_speed_rows
 from kexue.ops import logsumexp, logsumexp_bounds, logsumexp_lower_bound, smooth_max
 from kexue.tour.report import Section, Table
 from kexue.tour.runner import SectionContext
-from kexue.tour.speed import LSE_HEADERS, lse_speed_rows
 
 TITLE = "logsumexp numerics with proven bounds (kexue.ops)"
 

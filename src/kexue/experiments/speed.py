@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from kexue.experiments.multilabel import sentinel_zlpr
+from kexue.experiments.timing import median_ms
 from kexue.losses import zlpr_loss
 from kexue.ops import logsumexp
-from kexue.tour.multilabel import sentinel_zlpr
-from kexue.tour.timing import median_ms
 
 LOSS_HEADERS = [
     "scores",

@@ -1,0 +1,40 @@
+"""The exceptions kexue raises beyond Python's own ``ValueError`` / ``TypeError``.
+
+Bad arguments raise ``ValueError`` or ``TypeError`` naming the argument (see
+:mod:`kexue.validation`); the classes here cover what is not a bad argument: files that cannot
+be trusted, a model that returned NaN, an estimator used before ``fit``, a missing extra.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "KexueError",
+    "MissingExtraError",
+    "NonFiniteError",
+    "NotFittedError",
+]
+
+
+class KexueError(Exception):
+    """Base class of kexue's own exceptions."""
+
+
+class CheckpointError(KexueError, RuntimeError):
+    """A saved folder or checkpoint is missing, incomplete, corrupted or of another format."""
+
+
+class NonFiniteError(KexueError, ValueError):
+    """A model (or callable) returned NaN or infinite values; the message names the step."""
+
+
+class MissingExtraError(KexueError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+try:  # scikit-learn's own class, so ``except sklearn.exceptions.NotFittedError`` works too
+    from sklearn.exceptions import NotFittedError
+except ImportError:  # scikit-learn comes with the hubness extra; same bases as its class
+
+    class NotFittedError(ValueError, AttributeError):  # type: ignore[no-redef]
+        """An estimator was used before ``fit`` (scikit-learn's class when it is installed)."""
