@@ -21,9 +21,11 @@ from torch import Tensor
 from kexue.exceptions import NonFiniteError
 
 __all__ = [
+    "check_bool",
     "check_broadcast",
     "check_callable",
     "check_choice",
+    "check_class_labels",
     "check_dim",
     "check_dtype",
     "check_finite",
@@ -240,3 +242,45 @@ def check_callable(fn: object, name: str, signature: str) -> Callable:
     if not callable(fn):
         raise TypeError(f"{name} must be callable as {signature}, got {describe(fn)}")
     return fn
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value`` as a ``bool`` (Python or NumPy bool; not an int), else ``TypeError``."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {describe(value)}")
+    return bool(value)
+
+
+def check_class_labels(
+    labels: object,
+    num_classes: int,
+    name: str = "labels",
+    *,
+    count_name: str = "num_classes",
+    ignore_index: int | None = None,
+) -> Tensor:
+    """Class indices in ``0..num_classes-1`` (entries equal to ``ignore_index`` allowed).
+
+    ``TypeError`` unless ``labels`` is a tensor of integers (or of integral floats);
+    ``ValueError`` naming ``count_name`` (e.g. ``"num_labels"``) and the first bad label
+    otherwise, instead of torch's ``Target 5 is out of bounds`` from inside a loss.
+    """
+    labels = check_tensor(labels, name)
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{name} must hold integer class indices, got dtype {labels.dtype}")
+    values = labels.detach()
+    if ignore_index is not None:
+        values = values[values != ignore_index]
+    if values.is_floating_point() and not bool((values == values.round()).all()):
+        bad = values[values != values.round()][0].item()
+        raise ValueError(f"{name} must hold integer class indices, got {bad!r}")
+    outside = (values < 0) | (values >= num_classes)
+    if bool(outside.any()):
+        bad = values[outside][0].item()
+        bad = int(bad) if float(bad).is_integer() else bad
+        allowed = f" or {ignore_index} (ignored)" if ignore_index is not None else ""
+        raise ValueError(
+            f"{name} must be class indices in 0..{num_classes - 1} ({count_name}={num_classes})"
+            f"{allowed}, got {bad}"
+        )
+    return labels
