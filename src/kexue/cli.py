@@ -5,18 +5,109 @@ Bad arguments exit with status 2 and one line on stderr, never a traceback.
 
 from __future__ import annotations
 
+import importlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 try:  # typer >= 0.22 vendors its own click
+    from typer._click import Command, Context
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 except ImportError:  # pragma: no cover - older typer on top of click
+    from click import Command, Context
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
 
 from kexue import __version__
+from kexue.exceptions import MissingExtraError
+
+
+@dataclass(frozen=True)
+class CommandGroup:
+    """A capability's command group: ``"module:attribute"`` of its typer app, the extra it
+    needs and its one-line summary (shown by ``kexue --help`` without importing it)."""
+
+    target: str
+    extra: str
+    help: str
+
+
+# ``kexue <name> ...``; each capability adds its own line.
+COMMAND_GROUPS: dict[str, CommandGroup] = {
+    "diffusion": CommandGroup(
+        "kexue.diffusion.cli:app",
+        "diffusion",
+        "Diffusion models: train, sample, export, optimal variance, NLL, variance heads.",
+    ),
+    "lst": CommandGroup(
+        "kexue.lst.cli:app", "lst", "Ladder Side-Tuning of frozen Hugging Face transformers."
+    ),
+    "hubness": CommandGroup(
+        "kexue.hubness.cli:app", "hubness", "Hubness measures of a point set; hub-prior latents."
+    ),
+}
+
+
+def _hide_flag_types(command: Command, ctx: Context) -> Command:
+    """Show plain flags without a type (typer labels them ``<bool>``), in the whole tree."""
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _hide_flag_types(sub, ctx)
+    return command
+
+
+def _missing_extra_command(name: str, group: CommandGroup, message: str) -> Command:
+    def fail() -> None:
+        raise UsageError(message)
+
+    return Command(
+        name,
+        callback=fail,
+        help=f"{group.help} (not installed: pip install 'kexue[{group.extra}]')",
+        add_help_option=False,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
+
+
+class KexueGroup(TyperGroup):
+    """The root group: capability groups are imported only when run, so ``kexue --help``
+    is fast and lists every group on any install; a group whose extra is missing exits 2
+    with one line naming the extra."""
+
+    _listing = False
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        return [*super().list_commands(ctx), *COMMAND_GROUPS]
+
+    def format_help(self, ctx: Context, formatter) -> None:
+        self._listing = True
+        try:
+            _hide_flag_types(self, ctx)
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        group = COMMAND_GROUPS.get(cmd_name)
+        if group is None:
+            command = super().get_command(ctx, cmd_name)
+            return None if command is None else _hide_flag_types(command, ctx)
+        if self._listing:  # the root's help only needs the summary
+            return TyperGroup(name=cmd_name, help=group.help)
+        module, attribute = group.target.split(":")
+        try:
+            app = getattr(importlib.import_module(module), attribute)
+        except MissingExtraError as err:
+            return _missing_extra_command(cmd_name, group, str(err))
+        command = typer.main.get_group(app)
+        command.name = cmd_name
+        return _hide_flag_types(command, ctx)
+
 
 app = typer.Typer(
     name="kexue",
@@ -24,24 +115,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=KexueGroup,
 )
-
-
-# Command groups of the capabilities: ``kexue <name> ...`` -> "module:attribute" of a typer app.
-# Each capability adds its own line.
-COMMAND_GROUPS: dict[str, str] = {
-    "diffusion": "kexue.diffusion.cli:app",
-    "lst": "kexue.lst.cli:app",
-    "hubness": "kexue.hubness.cli:app",
-}
-
-
-def _add_groups() -> None:
-    import importlib
-
-    for name, target in COMMAND_GROUPS.items():
-        module, attribute = target.split(":")
-        app.add_typer(getattr(importlib.import_module(module), attribute), name=name)
 
 
 def _show_version(value: bool) -> None:
@@ -98,9 +173,6 @@ def tour(
     typer.echo(f"report: {out / 'report.html'}")
 
 
-_add_groups()
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning usage errors into one line and exit status 2."""
     command = typer.main.get_command(app)
@@ -112,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
         message = " ".join(err.format_message().split())
         typer.echo(f"kexue: error: {message}{hint}", err=True)
+        sys.exit(2)
+    except MissingExtraError as err:  # a command needed an extra that is not installed
+        typer.echo(f"kexue: error: {err}", err=True)
         sys.exit(2)
     except ClickException as err:
         typer.echo(f"kexue: error: {' '.join(err.format_message().split())}", err=True)

@@ -32,9 +32,18 @@ class MissingExtraError(KexueError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 
 
-try:  # scikit-learn's own class, so ``except sklearn.exceptions.NotFittedError`` works too
-    from sklearn.exceptions import NotFittedError
-except ImportError:  # scikit-learn comes with the hubness extra; same bases as its class
+class _NotFittedError(ValueError, AttributeError):
+    """An estimator was used before ``fit`` (scikit-learn's class when it is installed)."""
 
-    class NotFittedError(ValueError, AttributeError):  # type: ignore[no-redef]
-        """An estimator was used before ``fit`` (scikit-learn's class when it is installed)."""
+
+def __getattr__(name: str) -> type[Exception]:
+    # NotFittedError is scikit-learn's own class, so ``except sklearn.exceptions.NotFittedError``
+    # works too; resolved on first use because importing scikit-learn takes seconds.
+    if name == "NotFittedError":
+        try:
+            from sklearn.exceptions import NotFittedError
+        except ImportError:  # scikit-learn comes with the hubness extra; same bases
+            NotFittedError = _NotFittedError
+        globals()["NotFittedError"] = NotFittedError
+        return NotFittedError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
