@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kexue-installed
 OUT    ?= tour-report
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint typecheck docs package-check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +19,23 @@ demo: $(STAMP)
 	$(BIN)/kexue tour --out $(OUT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks .ci
+	$(BIN)/ruff format --check src tests benchmarks .ci
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet
+
+package-check: $(STAMP)
+	.ci/package-check
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/losses.py
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(OUT) site .pytest_cache .ruff_cache .mypy_cache .hypothesis test-artifacts

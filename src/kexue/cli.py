@@ -6,6 +6,7 @@ Bad arguments exit with status 2 and one line on stderr, never a traceback.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typer.core import TyperGroup
 
 from kexue import __version__
 from kexue.exceptions import MissingExtraError
+from kexue.extras import install_hint
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class CommandGroup:
     target: str
     extra: str
     help: str
+    requires: tuple[str, ...] = ()  # top-level modules of the extra, checked before import
 
 
 # ``kexue <name> ...``; each capability adds its own line.
@@ -41,12 +44,19 @@ COMMAND_GROUPS: dict[str, CommandGroup] = {
         "kexue.diffusion.cli:app",
         "diffusion",
         "Diffusion models: train, sample, export, optimal variance, NLL, variance heads.",
+        ("safetensors", "accelerate", "diffusers", "scipy", "PIL", "mlxtend", "sklearn"),
     ),
     "lst": CommandGroup(
-        "kexue.lst.cli:app", "lst", "Ladder Side-Tuning of frozen Hugging Face transformers."
+        "kexue.lst.cli:app",
+        "lst",
+        "Ladder Side-Tuning of frozen Hugging Face transformers.",
+        ("transformers", "peft", "safetensors", "accelerate"),
     ),
     "hubness": CommandGroup(
-        "kexue.hubness.cli:app", "hubness", "Hubness measures of a point set; hub-prior latents."
+        "kexue.hubness.cli:app",
+        "hubness",
+        "Hubness measures of a point set; hub-prior latents.",
+        ("faiss", "scipy", "sklearn", "safetensors", "mlxtend"),
     ),
 }
 
@@ -99,8 +109,14 @@ class KexueGroup(TyperGroup):
             return None if command is None else _hide_flag_types(command, ctx)
         if self._listing:  # the root's help only needs the summary
             return TyperGroup(name=cmd_name, help=group.help)
+        missing = [m for m in group.requires if importlib.util.find_spec(m) is None]
         module, attribute = group.target.split(":")
         try:
+            if missing:
+                raise MissingExtraError(
+                    f"kexue {cmd_name} needs {missing[0]}, which is not installed: "
+                    f"{install_hint(group.extra)}"
+                )
             app = getattr(importlib.import_module(module), attribute)
         except MissingExtraError as err:
             return _missing_extra_command(cmd_name, group, str(err))

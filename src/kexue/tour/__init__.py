@@ -4,7 +4,7 @@
 the figures as PNG files.
 """
 
-from kexue.tour.report import Figure, Section, Table
+from kexue.tour.report import Claim, Figure, Section, Table
 from kexue.tour.runner import SECTIONS, SectionContext, run_tour
 
-__all__ = ["SECTIONS", "Figure", "Section", "SectionContext", "Table", "run_tour"]
+__all__ = ["SECTIONS", "Claim", "Figure", "Section", "SectionContext", "Table", "run_tour"]

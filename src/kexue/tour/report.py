@@ -20,6 +20,26 @@ class Figure:
     caption: str
 
 
+STATUSES = ("holds", "partly", "does not hold", "measured")
+
+
+@dataclass
+class Claim:
+    """One claim of an article as the tour measured it: a row of the report's summary.
+
+    ``status``: ``"holds"``, ``"partly"``, ``"does not hold"``, or ``"measured"`` (a number
+    reported without a pass/fail claim); ``key_number``: the number that decides it, in words.
+    """
+
+    text: str
+    status: str
+    key_number: str
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+
 @dataclass
 class Section:
     """One capability's evidence: the claim, how it was tested, and what was measured."""
@@ -33,6 +53,7 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -64,8 +85,37 @@ figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.9em;color:#555}
 .claim{background:#f6f8ff;border-left:4px solid #4a6cf7;padding:.5em .8em}
 .verdict{font-weight:600} .meta{color:#666;font-size:.9em}
+table.summary td{text-align:left;vertical-align:top} table.summary{width:100%}
+.status{font-weight:600;white-space:nowrap;border-radius:3px;padding:.1em .4em}
+.status-holds{background:#d9f2dd;color:#0b5d1e} .status-partly{background:#fff1c2;color:#7a5b00}
+.status-does-not-hold{background:#fbd9d7;color:#8a1c12}
+.status-measured{background:#e6e9f0;color:#333}
+.figures{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
+.figures figure{flex:1 1 300px;margin:0}
 details{margin:.5em 0} code{background:#f3f3f3;padding:0 .2em}
 """
+
+
+def _summary_table(sections: list[Section]) -> list[str]:
+    """The report's first table: every claim, its verdict in words and colour, the key number
+    and a link to the section that measured it."""
+    esc = html.escape
+    rows = [(s, c) for s in sections for c in s.claims]
+    if not rows:
+        return []
+    out = [
+        "<table class='summary' id='summary'><caption>The claims at a glance</caption>",
+        "<tr><th>claim</th><th>verdict</th><th>key number</th><th>section</th></tr>",
+    ]
+    for s, c in rows:
+        css = "status-" + c.status.replace(" ", "-")
+        out.append(
+            f"<tr><td>{esc(c.text)}</td><td><span class='status {css}'>{esc(c.status)}</span>"
+            f"</td><td>{esc(c.key_number)}</td>"
+            f"<td><a href='#{esc(s.name)}'>{esc(s.title)}</a></td></tr>"
+        )
+    out.append("</table>")
+    return out
 
 
 def write_html(sections: list[Section], meta: dict[str, Any], path: Path) -> None:
@@ -77,8 +127,9 @@ def write_html(sections: list[Section], meta: dict[str, Any], path: Path) -> Non
         f"<p class='meta'>kexue {esc(str(meta.get('kexue_version')))} · "
         f"{esc(str(meta.get('date')))} · {esc(meta.get('machine', {}).get('summary', ''))} · "
         f"total {meta.get('seconds', 0):.1f} s</p>",
-        "<ul>",
     ]
+    parts += _summary_table(sections)
+    parts.append("<ul>")
     parts += [f"<li><a href='#{esc(s.name)}'>{esc(s.title)}</a></li>" for s in sections]
     parts.append("</ul>")
     for s in sections:
@@ -96,11 +147,14 @@ def write_html(sections: list[Section], meta: dict[str, Any], path: Path) -> Non
                     "<tr>" + "".join(f"<td>{esc(format_number(v))}</td>" for v in row) + "</tr>"
                 )
             parts.append("</table>")
-        for f in s.figures:
-            parts.append(
-                f"<figure><img src='{esc(f.path)}' alt='{esc(f.caption)}'>"
-                f"<figcaption>{esc(f.caption)}</figcaption></figure>"
-            )
+        if s.figures:
+            parts.append("<div class='figures'>")
+            for f in s.figures:
+                parts.append(
+                    f"<figure><img src='{esc(f.path)}' alt='{esc(f.caption)}'>"
+                    f"<figcaption>{esc(f.caption)}</figcaption></figure>"
+                )
+            parts.append("</div>")
         for note in s.notes:
             parts.append(f"<p class='meta'>{esc(note)}</p>")
         if s.numbers:
