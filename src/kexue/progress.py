@@ -1,4 +1,4 @@
-"""One look for every progress bar of kexue (rich)."""
+"""One look for every progress bar of kexue (rich); shown on the main process only."""
 
 from __future__ import annotations
 
@@ -14,11 +14,16 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from kexue.distributed import is_main_process
+
 
 def progress_bar(
     *extra: ProgressColumn, disable: bool = False, console: Console | None = None
 ) -> Progress:
-    """A rich ``Progress`` on stderr: description, bar, M/N, elapsed, remaining, ``extra``."""
+    """A rich ``Progress`` on stderr: description, bar, M/N, elapsed, remaining, ``extra``.
+
+    Under ``accelerate launch`` / ``torch.distributed`` only rank 0 draws it.
+    """
     return Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -28,6 +33,6 @@ def progress_bar(
         TimeRemainingColumn(),
         *extra,
         console=console or Console(stderr=True),
-        disable=disable,
+        disable=disable or not is_main_process(),
         transient=False,
     )
