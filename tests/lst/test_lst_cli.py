@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
-from lst_tiny import one_torch_thread, tiny_model_folder  # noqa: F401 (autouse)
 
 from kexue.cli import main
-from kexue.lst.data import encode, read_tsv
-from kexue.lst.train import accuracy, load_backbone, load_classifier
+from kexue.lst import accuracy, encode, load_backbone, load_text_classifier, read_tsv
 
 
 def run_cli(argv, capsys):
@@ -20,20 +17,9 @@ def run_cli(argv, capsys):
     return exc.value.code, out.out, out.err
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lst-cli")
-    model = tiny_model_folder(root / "model")
-    rng = random.Random(0)
-    pos, neg = "good great fine nice".split(), "bad awful poor sad".split()
-    rows = []
-    for _ in range(48):
-        label = rng.randint(0, 1)
-        word = rng.choice(pos if label else neg)
-        rows.append(f"{label}\tthe movie was very {word}")
-    (root / "train.tsv").write_text("label\tsentence\n" + "\n".join(rows[:40]) + "\n")
-    (root / "dev.tsv").write_text("\n".join(rows[40:]) + "\n")  # headerless form
-    return root, model
+@pytest.fixture
+def files(text_task):
+    return text_task
 
 
 @pytest.mark.parametrize("method", ["lst", "full", "lora"])
@@ -53,16 +39,15 @@ def test_train_writes_checkpoint_and_metrics(method, files, tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
     if method == "lst":
         assert {p.name for p in out.iterdir()} == {
-            "lst_model.safetensors",
-            "lst_config.json",
-            "classifier.json",
+            "side_network.safetensors",
+            "config.json",
             "metrics.json",
         }
     # the checkpoint reloads (JSON + safetensors) and reproduces the reported accuracy
     backbone, tokenizer = load_backbone(model)
     texts, labels = read_tsv(root / "dev.tsv")
-    loaded = load_classifier(out, backbone)
-    acc = accuracy(loaded, encode(tokenizer, texts, labels, 128))
+    loaded = load_text_classifier(out, backbone)
+    acc = accuracy(loaded, encode(tokenizer, texts, labels, 128), progress=False)
     assert acc == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
 
 

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
-from lst_tiny import batch, one_torch_thread, tiny_bert, tiny_t5  # noqa: F401 (autouse)
 from transformers import BartConfig, BartModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 from kexue.lst import LSTConfig, get_lst_model
+from kexue.testing.lst import tiny_bert, tiny_t5
+from kexue.testing.lst import token_batch as batch
 
 
 def test_defaults_are_the_issues():
@@ -27,9 +28,11 @@ def test_defaults_are_the_issues():
 def test_json_round_trip(tmp_path):
     c = LSTConfig(reduction_factor=4, side_layers=[0, 2, 5], init="magnitude", num_labels=3)
     assert LSTConfig.from_json(c.to_json()) == c
-    c.to_json_file(tmp_path / "c.json")
-    assert LSTConfig.from_json_file(tmp_path / "c.json") == c
     assert LSTConfig.from_dict(c.to_dict()) == c
+    # the one file format: the config.json of a saved side network (as PEFT's configs)
+    saved = LSTConfig(reduction_factor=4, side_layers=[0, 2], init="magnitude", num_labels=3)
+    get_lst_model(tiny_bert(), saved).save_pretrained(tmp_path)
+    assert LSTConfig.from_pretrained(tmp_path) == saved
 
 
 def test_unknown_json_field_is_named():

@@ -7,11 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lst_tiny import one_torch_thread  # noqa: F401 (autouse)
 
-from kexue.lst import LSTConfig, LSTModel, get_lst_model
-from kexue.lst.data import encode, read_tsv
-from kexue.lst.train import load_backbone
+from kexue.lst import LSTConfig, LSTModel, encode, get_lst_model, load_backbone, read_tsv
 
 SST2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue" / "SST-2"
 

@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-from lst_tiny import batch, one_torch_thread, seq2seq_batch, tiny_bert, tiny_t5  # noqa: F401 (autouse)
 from safetensors.torch import load_file
 from transformers.modeling_outputs import ModelOutput
 
 from kexue.lst import BackboneCache, LSTConfig, LSTModel, get_lst_model
+from kexue.testing.lst import seq2seq_batch, tiny_bert, tiny_t5
+from kexue.testing.lst import token_batch as batch
 
 CASES = {
     "bert": (tiny_bert, batch, LSTConfig(reduction_factor=4, init="magnitude")),
@@ -161,13 +162,13 @@ def test_save_load_gives_bit_identical_logits(case, tmp_path):
         expected = model(**inputs).logits
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "lst_config.json",
-        "lst_model.safetensors",
+        "config.json",
+        "side_network.safetensors",
     ]
-    saved = load_file(str(tmp_path / "lst_model.safetensors"))
+    saved = load_file(str(tmp_path / "side_network.safetensors"))
     assert set(saved) == set(model.side.state_dict())  # only the side network
-    meta = json.loads((tmp_path / "lst_config.json").read_text())
-    assert LSTConfig.from_dict(meta["config"]) == model.config
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert LSTConfig.from_dict(meta["lst_config"]) == model.config
 
     fresh_backbone = CASES[case][0]()  # same seed: same weights, a different object
     loaded = LSTModel.from_pretrained(fresh_backbone, tmp_path).eval()

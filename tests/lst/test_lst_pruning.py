@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lst_tiny import batch, one_torch_thread, seq2seq_batch, tiny_bert, tiny_t5  # noqa: F401 (autouse)
 
 from kexue.lst import LSTConfig, get_lst_model
 from kexue.lst.backbones import backbone_adapter
 from kexue.lst.pruning import fisher_importance, magnitude_importance
+from kexue.testing.lst import seq2seq_batch, tiny_bert, tiny_t5
+from kexue.testing.lst import token_batch as batch
 
 
 def _top_sorted(score: torch.Tensor, k: int) -> torch.Tensor:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from kexue.experiments.lst import MIN_ABS_MEAN, vader_lexicon
 from kexue.tour.runner import SECTIONS, run_tour
-from kexue.tour.sections.lst import MIN_ABS_MEAN, vader_lexicon
 
 
 def test_section_is_registered():

@@ -9,12 +9,15 @@ Two families are supported:
   .query`` ...); ``init="random"`` does not.
 - T5 encoder-decoders (``T5Model``, ``T5ForConditionalGeneration``, mT5, ...).
 
-Anything else raises ``ValueError`` naming what is missing.
+Anything else raises ``ValueError`` naming what is missing. See ``docs/guides/lst.md``.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -339,3 +342,73 @@ def backbone_adapter(model: object) -> Backbone:
         adapter = EncoderBackbone(model)
     adapter.check_forward()
     return adapter
+
+
+@torch.no_grad()
+def weights_checksum(model: nn.Module, *, exclude: str | None = None) -> str:
+    """A cheap fingerprint of the weights (float64 sum and sum of squares), leaving out the
+    parameters whose name contains ``exclude`` (e.g. ``"lora_"``)."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for name, p in model.named_parameters():
+        if exclude is not None and exclude in name:
+            continue
+        q = p.detach().double()
+        total += torch.stack([q.sum(), q.square().sum()]).cpu()
+    return f"{total[0].item():.10e}/{total[1].item():.10e}"
+
+
+ARCHITECTURE_KEYS = ("family", "model_type", "width", "num_layers", "vocab_size")
+
+
+def backbone_fingerprint(model: nn.Module, *, exclude: str | None = None) -> dict[str, object]:
+    """What a saved side network or classifier records about its backbone: the architecture
+    (:data:`ARCHITECTURE_KEYS`, checked on load), its class and name, and a weights checksum
+    (a mismatch only warns; parameters named with ``exclude`` left out). Read from the config
+    and the weights: no forward pass, no randomness."""
+    c = model.config
+    t5 = bool(getattr(c, "is_encoder_decoder", False))
+    return {
+        "family": T5Backbone.family if t5 else EncoderBackbone.family,
+        "model_type": getattr(c, "model_type", None),
+        "class": type(model).__name__,
+        "width": getattr(c, "d_model" if t5 else "hidden_size", None),
+        "num_layers": getattr(c, "num_layers" if t5 else "num_hidden_layers", None),
+        "vocab_size": getattr(c, "vocab_size", None),
+        "name_or_path": str(getattr(c, "_name_or_path", "") or ""),
+        "checksum": weights_checksum(model, exclude=exclude),
+    }
+
+
+def check_fingerprint(saved: dict, here: dict, folder: object, *, weights: bool = True) -> None:
+    """``ValueError`` naming the first architecture key that differs between the backbone a
+    folder was trained on (``saved``) and this one (``here``); a warning when the weights'
+    checksums differ (skipped with ``weights=False``)."""
+    for key in ARCHITECTURE_KEYS:
+        if saved.get(key) != here.get(key):
+            raise ValueError(
+                f"backbone mismatch: the model in {folder} was trained on a backbone with "
+                f"{key}={saved.get(key)!r}, this one has {key}={here.get(key)!r}"
+            )
+    if weights and saved.get("checksum") != here.get("checksum"):
+        warnings.warn(
+            f"the backbone's weights differ from those the model in {folder} was trained "
+            "with (checksum mismatch); results may differ",
+            stacklevel=3,
+        )
+
+
+def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` from a local Hugging Face folder: safetensors only (no pickle),
+    no download. ``ValueError`` naming the folder when it is not one."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a folder path, got {type(path).__name__}")
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"{path} has no .safetensors weights (pickled weights are not loaded)")
+    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer

@@ -1,17 +1,18 @@
 """``LSTConfig``: the options of a Ladder Side-Tuning network, validated, with a JSON form.
 
-Notation of ``../shared/reference/ladder-side-tuning.md``: backbone width ``d``, side width
-``d / r`` (``r = reduction_factor``), gates ``mu_i = sigmoid(alpha_i / T)`` with
-``T = gate_temperature``.
+Notation of ``docs/guides/lst.md``: backbone width ``d``, side width ``w = d / r``
+(``r = reduction_factor``), gates ``mu_j = sigmoid(alpha_j / T)`` with ``T = gate_temperature``.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from kexue.validation import check_bool, check_choice, check_int, check_real, describe
 
 INITS = ("fisher", "magnitude", "random")
 TASKS = ("sequence-classification", "token-classification", "seq2seq-lm")
@@ -27,7 +28,7 @@ class LSTConfig:
             each attention head ``d_head / r``: the head count is kept).
         side_layers: backbone layer indices that get a side block (layer dropping), in
             increasing order; ``None`` = every layer.
-        gate_temperature: ``T`` of the ladder gates ``mu_i = sigmoid(alpha_i / T)``.
+        gate_temperature: ``T`` of the ladder gates ``mu_j = sigmoid(alpha_j / T)``.
         init: ``"fisher"`` (structural pruning by diagonal Fisher information; needs
             ``init_data``), ``"magnitude"`` (by ``|w|``) or ``"random"``.
         fisher_samples: number of training examples of the Fisher pass.
@@ -45,6 +46,8 @@ class LSTConfig:
     Raises:
         ValueError: naming the field, for any value outside its domain.
         TypeError: naming the field, for a value of the wrong type.
+
+    See ``docs/guides/lst.md`` for what each option changes.
     """
 
     reduction_factor: int = 8
@@ -59,53 +62,26 @@ class LSTConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_int(self.reduction_factor, "reduction_factor", low=1)
-        if self.side_layers is not None:
-            if isinstance(self.side_layers, str | bytes) or not hasattr(
-                self.side_layers, "__iter__"
-            ):
-                raise TypeError(
-                    f"side_layers must be None or a list of layer indices, got {self.side_layers!r}"
-                )
-            layers = list(self.side_layers)
-            for i in layers:
-                _check_int(i, "side_layers entries", low=0)
-            if not layers:
-                raise ValueError("side_layers must not be empty (use None for every layer)")
-            if layers != sorted(set(layers)):
-                raise ValueError(
-                    f"side_layers must be strictly increasing layer indices, got {layers}"
-                )
-            self.side_layers = layers
-        _check_real(self.gate_temperature, "gate_temperature")
-        if not self.gate_temperature > 0:
-            raise ValueError(f"gate_temperature must be > 0, got {self.gate_temperature!r}")
-        _check_choice(self.init, "init", INITS)
-        _check_int(self.fisher_samples, "fisher_samples", low=1)
-        if not isinstance(self.merge_backbone_output, bool):
-            raise TypeError(
-                f"merge_backbone_output must be a bool, got {self.merge_backbone_output!r}"
-            )
-        _check_choice(self.task, "task", TASKS)
-        _check_int(self.num_labels, "num_labels", low=1)
-        _check_choice(self.pooling, "pooling", POOLINGS)
-        _check_real(self.dropout, "dropout")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self.reduction_factor = check_int(self.reduction_factor, "reduction_factor", low=1)
+        self.side_layers = check_side_layers(self.side_layers)
+        self.gate_temperature = check_real(
+            self.gate_temperature, "gate_temperature", low=0.0, low_open=True
+        )
+        self.init = check_choice(self.init, "init", INITS)
+        self.fisher_samples = check_int(self.fisher_samples, "fisher_samples", low=1)
+        self.merge_backbone_output = check_bool(self.merge_backbone_output, "merge_backbone_output")
+        self.task = check_choice(self.task, "task", TASKS)
+        self.num_labels = check_int(self.num_labels, "num_labels", low=1)
+        self.pooling = check_choice(self.pooling, "pooling", POOLINGS)
+        self.dropout = check_real(self.dropout, "dropout", low=0.0, high=1.0, high_open=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LSTConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> LSTConfig:
         """Build from a dict; unknown keys raise ``ValueError`` naming them."""
-        if not isinstance(data, dict):
-            raise TypeError(f"data must be a dict, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LSTConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -114,31 +90,41 @@ class LSTConfig:
     def from_json(cls, text: str) -> LSTConfig:
         return cls.from_dict(json.loads(text))
 
-    def to_json_file(self, path: str | Path) -> None:
-        from kexue.io import atomic_write
-
-        text = self.to_json() + "\n"
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
     @classmethod
-    def from_json_file(cls, path: str | Path) -> LSTConfig:
-        return cls.from_json(Path(path).read_text())
+    def from_pretrained(cls, pretrained_directory: str | os.PathLike) -> LSTConfig:
+        """The config of a side network saved by ``LSTModel.save_pretrained`` (as PEFT's
+        ``PeftConfig.from_pretrained``): read from its ``config.json``, no tensors loaded."""
+        from kexue.lst.model import load_lst_folder  # the model module imports this one
+
+        return cls.from_dict(load_lst_folder(pretrained_directory)[0]["lst_config"])
 
 
-def _check_int(value: object, name: str, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+D = TypeVar("D")
 
 
-def _check_real(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+def dataclass_from_dict(cls: type[D], data: object) -> D:
+    """``cls(**data)`` for a dataclass ``cls``: ``TypeError`` unless ``data`` is a mapping,
+    ``ValueError`` naming the keys that are not fields of ``cls``."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"data must be a mapping, got {describe(data)}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    return cls(**data)
 
 
-def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+def check_side_layers(side_layers: object) -> list[int] | None:
+    """``None`` or a non-empty, strictly increasing list of layer indices >= 0."""
+    if side_layers is None:
+        return None
+    if isinstance(side_layers, str | bytes) or not hasattr(side_layers, "__iter__"):
+        raise TypeError(
+            f"side_layers must be None or a list of layer indices, got {describe(side_layers)}"
+        )
+    layers = [check_int(i, "side_layers entries", low=0) for i in side_layers]
+    if not layers:
+        raise ValueError("side_layers must not be empty (use None for every layer)")
+    if layers != sorted(set(layers)):
+        raise ValueError(f"side_layers must be strictly increasing layer indices, got {layers}")
+    return layers

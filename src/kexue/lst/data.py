@@ -1,7 +1,8 @@
-"""Labelled text for the LST trainer: TSV files, tokenisation once, padded batches."""
+"""Labelled text for the LST trainer: TSV files, tokenisation once, right-padded batches."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from torch import Tensor
 TEXT_COLUMNS = ("sentence", "text")
 
 
-def read_tsv(path: str | Path) -> tuple[list[str], list[int]]:
+def read_tsv(path: str | os.PathLike) -> tuple[list[str], list[int]]:
     """``(texts, labels)`` from a tab-separated file of integer labels and texts.
 
     A header naming the columns ``label`` and ``sentence`` (or ``text``) in any order is used
@@ -51,6 +52,25 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
+def right_pad(parts: Sequence[Tensor], *, value: float = 0, dim: int = 0) -> tuple[Tensor, Tensor]:
+    """Stack tensors that differ only in the length of axis ``dim``, padded on the right.
+
+    The result has a new batch axis at ``dim`` (the length axis follows it), filled with
+    ``value`` past each part's length, and the ``(batch, max length)`` mask (1 = a real
+    position, ``torch.long``). E.g. token ids of shape ``(t_i,)`` give ``(n, T)``; cached
+    states of shape ``(blocks, t_i, d)`` with ``dim=1`` give ``(blocks, n, T, d)``.
+    """
+    first = parts[0]
+    length = max(p.shape[dim] for p in parts)
+    out = first.new_full((*first.shape[:dim], len(parts), length, *first.shape[dim + 1 :]), value)
+    mask = torch.zeros(len(parts), length, dtype=torch.long, device=first.device)
+    for j, part in enumerate(parts):
+        t = part.shape[dim]
+        out.select(dim, j).narrow(dim, 0, t).copy_(part)
+        mask[j, :t] = 1
+    return out, mask
+
+
 @dataclass
 class Encoded:
     """Token ids of each text (no padding) and the integer labels."""
@@ -66,13 +86,8 @@ class Encoded:
 
     def batch(self, indices: Sequence[int], pad_id: int = 0) -> dict[str, Tensor]:
         """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` of ``indices``."""
-        rows = [self.ids[i] for i in indices]
-        t = max(len(r) for r in rows)
-        ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), t), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
+        rows = [torch.tensor(self.ids[i], dtype=torch.long) for i in indices]
+        ids, mask = right_pad(rows, value=pad_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[list(indices)]}
 
     def grouped_batches(
@@ -95,7 +110,8 @@ class Encoded:
         generator: torch.Generator | None = None,
         pad_id: int = 0,
     ) -> Iterator[dict[str, Tensor]]:
-        """Batches in order, or shuffled when a ``generator`` is given."""
+        """Batches in order, or shuffled when a ``generator`` is given (drawn lazily, when
+        the first batch is taken)."""
         order = (
             torch.randperm(len(self), generator=generator).tolist()
             if generator is not None

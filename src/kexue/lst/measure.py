@@ -1,13 +1,15 @@
-"""One measured training run per process: accuracy, time per step/epoch, peak training memory.
+"""The memory probe: one :func:`kexue.lst.run` per process, with its peak training memory.
 
-``python -m kexue.lst.measure '<json spec>'`` (or ``measure_in_subprocess(spec)``) loads the
-backbone and the data, then trains and evaluates one method and prints one JSON line.
+``python -m kexue.lst.measure '<json>'`` (or :func:`measure_in_subprocess`) runs one
+:class:`~kexue.lst.RunSpec` in a fresh process and prints one JSON line: the run's results
+(:meth:`RunResult.to_dict`) plus the memory it measured.
 
-Peak training memory (Linux): once the model and data are loaded, the process's resident-set
-high-water mark is reset (``/proc/self/clear_refs``); after training, ``VmHWM - VmRSS(at
-reset)`` is the most memory training added on top of the loaded backbone and data (weights'
-gradients, optimiser state, activations kept for backward, caches, allocator slack). The
-``"idle"`` method only loads, which gives the baseline of the whole-process high-water mark.
+Peak training memory (Linux): once the backbone and data are loaded, the process's
+resident-set high-water mark is reset (``/proc/self/clear_refs``); when training has finished
+(before evaluation), ``VmHWM - VmRSS(at reset)`` is the most memory training added on top of
+the loaded backbone and data (weights' gradients, optimiser state, activations kept for
+backward, caches, allocator slack). ``idle=True`` only loads, which gives the baseline of the
+whole-process high-water mark.
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from kexue.lst.run import RunSpec, load_inputs, run
 
 MIB = 2**20
 
 
-def _status() -> dict[str, int]:
-    """VmRSS and VmHWM in bytes (0 when /proc is unavailable)."""
+def memory_status() -> dict[str, int]:
+    """VmRSS and VmHWM of this process in bytes (0 when /proc is unavailable)."""
     out = {"VmRSS": 0, "VmHWM": 0}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -35,7 +42,8 @@ def _status() -> dict[str, int]:
     return out
 
 
-def _reset_peak() -> bool:
+def reset_peak_memory() -> bool:
+    """Reset this process's resident-set high-water mark (Linux); False where impossible."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -43,144 +51,67 @@ def _reset_peak() -> bool:
         return False
 
 
-def run(spec: dict) -> dict:
-    """Train and evaluate as ``spec`` says (keys: see ``DEFAULTS``); returns the numbers."""
-    spec = {**DEFAULTS, **spec}
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from kexue.lst.config import LSTConfig
-    from kexue.lst.data import encode, read_tsv
-    from kexue.lst.model import trainable_parameters
-    from kexue.lst.train import (
-        DEFAULT_LR,
-        TrainSettings,
-        accuracy,
-        build_model,
-        load_backbone,
-        train_classifier,
-    )
-
+def measure(spec: RunSpec, *, threads: int | None = None, idle: bool = False) -> dict[str, Any]:
+    """Run ``spec`` in this process (no progress bars) and add memory readings to its
+    results; ``threads`` sets torch's thread count first; ``idle`` stops after loading."""
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    if spec["threads"]:
-        torch.set_num_threads(int(spec["threads"]))
-    seed = int(spec["seed"])
-    torch.manual_seed(seed)
-    backbone, tokenizer = load_backbone(spec["backbone"])
-    texts, labels = read_tsv(spec["train"])
-    if spec["train_size"] and spec["train_size"] < len(texts):
-        pick = torch.Generator().manual_seed(int(spec["subset_seed"]))
-        keep = torch.randperm(len(texts), generator=pick)[: int(spec["train_size"])].tolist()
-        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
-    train_set = encode(tokenizer, texts, labels, int(spec["max_length"]))
-    eval_texts, eval_labels = read_tsv(spec["eval"])
-    eval_set = encode(tokenizer, eval_texts, eval_labels, int(spec["max_length"]))
-    num_labels = max(labels) + 1
-    loaded = _status()
-    result: dict = {
-        "spec": spec,
+    if threads:
+        torch.set_num_threads(int(threads))
+    inputs = load_inputs(spec)
+    loaded = memory_status()
+    header = {
         "threads": torch.get_num_threads(),
         "rss_loaded_mib": loaded["VmRSS"] / MIB,
         "hwm_loading_mib": loaded["VmHWM"] / MIB,
-        "train_examples": len(train_set),
-        "eval_examples": len(eval_set),
-        "mean_train_tokens": sum(len(x) for x in train_set.ids) / len(train_set),
     }
-    if spec["method"] == "idle":
-        return result
-    reset = _reset_peak()
-    base = _status()["VmRSS"]
-    method = spec["method"]
-    gen = torch.Generator().manual_seed(seed)
-    t0, c0 = time.perf_counter(), time.process_time()
-    config = LSTConfig(
-        reduction_factor=int(spec["reduction_factor"]),
-        init=spec["init"],
-        fisher_samples=int(spec["fisher_samples"]),
-        num_labels=num_labels,
-    )
-    model = build_model(
-        method,
-        backbone,
-        num_labels,
-        lst_config=config,
-        init_data=train_set.batches(int(spec["batch_size"]), generator=gen),
-        generator=gen,
-    )
-    build_seconds = time.perf_counter() - t0
-    build_cpu_seconds = time.process_time() - c0
-    settings = TrainSettings(
-        epochs=int(spec["epochs"]),
-        batch_size=int(spec["batch_size"]),
-        lr=float(spec["lr"] or DEFAULT_LR[method]),
-        seed=seed,
-        cache_backbone=bool(spec["cache_backbone"]),
-        cache_dtype=spec["cache_dtype"],
-    )
-    stats = train_classifier(model, train_set, settings)
-    after = _status()
-    t1 = time.perf_counter()
-    acc = accuracy(model, eval_set)
-    trainable, total = trainable_parameters(model)
-    summary = stats.summary()
-    summary.pop("losses")
-    result.update(
-        {
-            "accuracy": acc,
-            "eval_seconds": time.perf_counter() - t1,
-            "trainable": trainable,
-            "total": total,
-            "build_seconds": build_seconds,
-            "build_cpu_seconds": build_cpu_seconds,
-            "lr": settings.lr,
+    if idle:
+        return {**header, "spec": spec.to_dict(), "idle": True}
+    reset = reset_peak_memory()
+    base = memory_status()["VmRSS"]
+
+    def after_training() -> dict[str, Any]:
+        after = memory_status()
+        return {
             "peak_reset": reset,
             "peak_train_mib": (after["VmHWM"] - base) / MIB if reset else float("nan"),
             "hwm_total_mib": after["VmHWM"] / MIB,
-            "step_seconds": stats.step_seconds,
-            "loss_curve": stats.losses,
-            **summary,
         }
-    )
-    if hasattr(model, "gate_values"):
-        result["gates"] = {k: v.tolist() for k, v in model.gate_values().items()}
-    return result
+
+    result = run(spec, inputs=inputs, progress=False, after_training=after_training)
+    return {**header, **result.to_dict()}
 
 
-DEFAULTS: dict = {
-    "backbone": None,
-    "train": None,
-    "eval": None,
-    "method": "lst",
-    "init": "fisher",
-    "train_size": None,
-    "subset_seed": 0,
-    "max_length": 128,
-    "seed": 0,
-    "epochs": 3,
-    "batch_size": 32,
-    "lr": None,
-    "reduction_factor": 8,
-    "fisher_samples": 1024,
-    "cache_backbone": False,
-    "cache_dtype": "float32",
-    "threads": None,
-}
-
-
-def measure_in_subprocess(spec: dict, timeout: float | None = None) -> dict:
-    """``run(spec)`` in a fresh Python process (so memory peaks do not mix)."""
+def measure_in_subprocess(
+    spec: RunSpec,
+    *,
+    threads: int | None = None,
+    idle: bool = False,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """:func:`measure` in a fresh Python process (so memory peaks do not mix)."""
+    payload = json.dumps({"spec": spec.to_dict(), "threads": threads, "idle": idle})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "kexue.lst.measure", json.dumps(spec)],
+        [sys.executable, "-m", "kexue.lst.measure", payload],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"measured run failed ({spec.get('method')}):\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"measured run failed ({spec.method}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(json.loads(sys.argv[1]))))
+    request = json.loads(sys.argv[1])
+    print(
+        json.dumps(
+            measure(
+                RunSpec.from_dict(request["spec"]),
+                threads=request.get("threads"),
+                idle=bool(request.get("idle")),
+            )
+        )
+    )

@@ -1,6 +1,6 @@
 """``LSTModel``: a frozen Hugging Face backbone with a trainable ladder side network beside it.
 
-Reference: ``../shared/reference/ladder-side-tuning.md``. The backbone always runs in eval mode
+See ``docs/guides/lst.md``. The backbone always runs in eval mode
 under ``torch.no_grad()``: it only provides hidden states, so no activation of it is kept for
 backward and backward runs through the side network only. Its hidden states depend on the
 input alone, so they can be computed once per dataset and cached (``BackboneCache``).
@@ -14,10 +14,8 @@ never into it).
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,9 +27,16 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from kexue.io import atomic_write, write_json_atomic
-from kexue.lst.backbones import Backbone, BackboneStates, backbone_adapter
+from kexue.exceptions import CheckpointError
+from kexue.lst.backbones import (
+    Backbone,
+    BackboneStates,
+    backbone_adapter,
+    backbone_fingerprint,
+    check_fingerprint,
+)
 from kexue.lst.config import LSTConfig
+from kexue.lst.data import right_pad
 from kexue.lst.pruning import (
     PruningPlan,
     apply_pruning,
@@ -40,10 +45,13 @@ from kexue.lst.pruning import (
     plan_pruning,
 )
 from kexue.lst.side import SideStack, init_side_weights, pool
+from kexue.pretrained import CONFIG_NAME, load_folder, save_folder
+from kexue.progress import progress_bar
+from kexue.validation import check_class_labels, describe
 
-CONFIG_NAME = "lst_config.json"
-WEIGHTS_NAME = "lst_model.safetensors"
+LST_KIND = "kexue.lst.LSTModel"
 FORMAT_VERSION = 1
+WEIGHTS_STEM = "side_network"  # side_network.safetensors beside config.json
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -201,9 +209,17 @@ class LSTModel(nn.Module):
         """Logits (and the loss when ``labels`` are given) in a transformers output.
 
         Pass ``backbone_states`` (from ``backbone_states()`` or a ``BackboneCache``) to skip
-        the backbone; then ``attention_mask`` is required and ``input_ids`` is not.
+        the backbone; then ``attention_mask`` is required and ``input_ids`` is not. The
+        computation is that of ``docs/guides/lst.md``, "The side network".
+
+        Raises:
+            ValueError: ``labels`` outside ``0..num_labels-1`` (token ids outside the
+                vocabulary for ``seq2seq-lm``; -100 marks ignored positions), named with
+                ``num_labels`` (``vocab_size``) and the first bad label.
         """
         cfg = self.config
+        if labels is not None:
+            self._check_labels(labels)
         if backbone_states is None:
             if input_ids is None:
                 raise ValueError("forward needs input_ids (or backbone_states)")
@@ -258,6 +274,17 @@ class LSTModel(nn.Module):
             h = h + last.to(h.dtype)
         return h
 
+    def _check_labels(self, labels: Tensor) -> None:
+        """Class indices below ``num_labels`` (token ids below ``vocab_size`` for seq2seq-lm),
+        -100 = ignored; checked before the backbone runs."""
+        if self.config.task == "seq2seq-lm":
+            vocab = self._adapter.lm_head().weight.shape[0]
+            check_class_labels(labels, vocab, count_name="vocab_size", ignore_index=-100)
+        elif self.config.num_labels > 1:
+            check_class_labels(
+                labels, self.config.num_labels, count_name="num_labels", ignore_index=-100
+            )
+
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         if self.config.num_labels == 1:
             return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
@@ -267,39 +294,27 @@ class LSTModel(nn.Module):
 
     # -- saving -------------------------------------------------------------------------------
 
-    def _fingerprint(self) -> dict:
-        c = self.backbone.config
-        return {
-            "family": self._adapter.family,
-            "model_type": getattr(c, "model_type", None),
-            "class": type(self.backbone).__name__,
-            "width": self._adapter.width,
-            "num_layers": self._adapter.num_layers,
-            "vocab_size": getattr(c, "vocab_size", None),
-            "name_or_path": str(getattr(c, "_name_or_path", "") or ""),
-            "checksum": _checksum(self.backbone),
-        }
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write only the side network: ``side_network.safetensors`` + ``config.json``.
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write only the side network: ``lst_model.safetensors`` + ``lst_config.json``.
-
-        Each file is written to a temporary file in the same folder and renamed into place,
-        so a crash never leaves a half-written checkpoint.
+        The config holds the ``LSTConfig`` (``"lst_config"``), the side layers and a
+        fingerprint of the backbone (architecture and a weights checksum); the backbone
+        itself is the user's and is not saved (as PEFT saves only the adapter). Files are
+        written atomically, tensors first; see :mod:`kexue.pretrained`.
         """
-        from safetensors.torch import save_file
-
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.side.state_dict().items()}
-        meta = {
-            "format": "kexue.lst",
-            "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "side_layers": self.side_layers_,
-            "backbone": self._fingerprint(),
+        config = {
+            "lst_config": self.config.to_dict(),
+            "side_layers": list(self.side_layers_),
+            "backbone": backbone_fingerprint(self.backbone),
         }
-        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, {"format": "pt"}))
-        write_json_atomic(folder / CONFIG_NAME, meta)
+        return save_folder(
+            save_directory,
+            kind=LST_KIND,
+            version=FORMAT_VERSION,
+            config=config,
+            tensors={WEIGHTS_STEM: self.side.state_dict()},
+            extra="lst",
+        )
 
     @classmethod
     def from_pretrained(
@@ -307,42 +322,56 @@ class LSTModel(nn.Module):
     ) -> LSTModel:
         """Rebuild the side network saved by ``save_pretrained`` beside ``backbone``.
 
-        Reads JSON and safetensors only (no pickle). ``ValueError`` if the backbone's
-        architecture differs from the one the side network was trained on; a warning if its
-        weights differ (checksum).
-        """
-        from safetensors.torch import load_file
+        Reads JSON and safetensors only (no pickle); the result is bit-identical to the
+        saved model and in eval mode (call ``.train()`` to train on).
 
-        folder = Path(pretrained_directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name} not found (not an LST checkpoint?)")
-        meta = json.loads((folder / CONFIG_NAME).read_text())
-        if meta.get("format") != "kexue.lst":
-            raise ValueError(f"{folder / CONFIG_NAME} is not a kexue.lst config")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(
-                f"{folder} was written by a newer kexue (format {meta['format_version']})"
+        Raises:
+            FileNotFoundError: the folder does not exist.
+            CheckpointError: it is not a saved LST side network, or a file does not match
+                its recorded SHA-256 (:mod:`kexue.exceptions`).
+            ValueError: ``backbone``'s architecture differs from the one the side network
+                was trained on; a warning if only its weights differ (checksum).
+        """
+        config, tensors = load_lst_folder(pretrained_directory)
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten below
+            model = cls(backbone, LSTConfig.from_dict(config["lst_config"]))
+        check_fingerprint(config["backbone"], backbone_fingerprint(backbone), pretrained_directory)
+        if list(config.get("side_layers", [])) != model.side_layers_:
+            raise CheckpointError(
+                f"{pretrained_directory}: side_layers {config.get('side_layers')} do not match "
+                f"its lst_config ({model.side_layers_})"
             )
-        model = cls(
-            backbone, LSTConfig.from_dict(meta["config"])
-        )  # init only matters in get_lst_model
-        saved, here = meta["backbone"], model._fingerprint()
-        for key in ("family", "model_type", "width", "num_layers", "vocab_size"):
-            if saved.get(key) != here.get(key):
-                raise ValueError(
-                    f"backbone mismatch: the side network in {folder} was trained on a backbone "
-                    f"with {key}={saved.get(key)!r}, this one has {key}={here.get(key)!r}"
-                )
-        if saved.get("checksum") != here["checksum"]:
-            warnings.warn(
-                f"the backbone's weights differ from those the side network in {folder} was "
-                "trained with (checksum mismatch); results may differ",
-                stacklevel=2,
-            )
-        state = load_file(str(folder / WEIGHTS_NAME))
-        model.side.load_state_dict(state, strict=True)
-        return model
+        try:
+            model.side.load_state_dict(tensors[WEIGHTS_STEM], strict=True)
+        except (KeyError, RuntimeError) as err:
+            raise CheckpointError(
+                f"{pretrained_directory}: the saved side network does not match its config: "
+                f"{' '.join(str(err).split())[:300]}"
+            ) from None
+        return model.eval()
+
+
+def existing_folder(folder: object) -> Path:
+    """``folder`` as a ``Path``: ``TypeError`` unless a path, ``FileNotFoundError`` unless an
+    existing folder."""
+    if not isinstance(folder, str | os.PathLike):
+        raise TypeError(f"pretrained_directory must be a folder path, got {describe(folder)}")
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder (expected one written by save_pretrained)")
+    return path
+
+
+def load_lst_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, dict[str, Tensor]]]:
+    """``(config, tensors)`` of a folder written by ``LSTModel.save_pretrained``, checked."""
+    path = existing_folder(folder)
+    if not (path / CONFIG_NAME).is_file() and (path / "lst_config.json").is_file():
+        raise CheckpointError(
+            f"{path} holds a side network in the format of an earlier kexue (lst_config.json), "
+            "which this version does not read; train again or load it with that version and "
+            "save_pretrained() again"
+        )
+    return load_folder(path, kind=LST_KIND, version=FORMAT_VERSION, extra="lst")
 
 
 def _check_layers(config: LSTConfig, adapter: Backbone) -> list[int]:
@@ -357,22 +386,13 @@ def _check_layers(config: LSTConfig, adapter: Backbone) -> list[int]:
     return list(config.side_layers)
 
 
-@torch.no_grad()
-def _checksum(model: nn.Module) -> str:
-    """A cheap fingerprint of the weights (float64 sum and sum of squares)."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for p in model.parameters():
-        q = p.detach().double()
-        total += torch.stack([q.sum(), q.square().sum()])
-    return f"{total[0].item():.10e}/{total[1].item():.10e}"
-
-
 def get_lst_model(
     backbone: nn.Module,
     config: LSTConfig,
     *,
     init_data: Iterable[dict[str, Tensor]] | None = None,
     generator: torch.Generator | None = None,
+    progress: bool = True,
 ) -> LSTModel:
     """Freeze ``backbone`` and build the side network of ``config`` beside it.
 
@@ -383,16 +403,19 @@ def get_lst_model(
             Fisher pass; required when ``config.init == "fisher"``.
         generator: randomness of the random weights (every weight with ``init="random"``; the
             head and any unpruned part otherwise).
+        progress: show a progress bar during the Fisher pass.
 
     Returns:
-        The ``LSTModel``. With a pruning init, ``model.pruning_plan_`` holds the kept rows.
+        The ``LSTModel``. With a pruning init, ``model.pruning_plan_`` holds the kept rows
+        (``docs/guides/lst.md``, "Initialisation by pruning").
 
     Raises:
         TypeError / ValueError: naming the argument (unsupported backbone, side_layers out of
-            range, a reduction_factor that does not divide the widths, missing init_data).
+            range, a reduction_factor that does not divide the widths, missing init_data,
+            labels of init_data outside ``0..num_labels-1``).
     """
     if not isinstance(config, LSTConfig):
-        raise TypeError(f"config must be an LSTConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be an LSTConfig, got {describe(config)}")
     if config.init == "fisher" and init_data is None:
         raise ValueError(
             "init='fisher' needs init_data (batches with input_ids and labels); "
@@ -410,6 +433,7 @@ def get_lst_model(
                 task=config.task,
                 num_labels=config.num_labels,
                 pooling=config.pooling,
+                progress=progress,
             )
         else:
             importance = magnitude_importance(adapter, layers)
@@ -428,7 +452,8 @@ class BackboneCache:
     without padding, so batches can be re-drawn every epoch. ``dtype=torch.float16`` halves
     the memory (the side network computes in its own dtype).
 
-    Only valid while the input is fixed (no augmentation) and the backbone unchanged.
+    Only valid while the input is fixed (no augmentation) and the backbone unchanged
+    (``docs/guides/lst.md``, "Caching the backbone").
     """
 
     def __init__(
@@ -437,27 +462,31 @@ class BackboneCache:
         batches: Iterable[dict[str, Tensor]],
         *,
         dtype: torch.dtype | None = None,
-        on_batch: Callable[[], object] | None = None,
+        progress: bool = True,
     ) -> None:
         if not isinstance(model, LSTModel):
-            raise TypeError(f"model must be an LSTModel, got {type(model).__name__}")
+            raise TypeError(f"model must be an LSTModel, got {describe(model)}")
         if model.config.task == "seq2seq-lm":
             raise ValueError("BackboneCache supports the classification tasks only")
         self.states: list[Tensor] = []
         self.lasts: list[Tensor | None] = []
-        for batch in batches:
-            mask = batch.get("attention_mask")
-            if mask is None:
-                mask = torch.ones_like(batch["input_ids"])
-            out = model.backbone_states(batch["input_ids"], mask, batch.get("token_type_ids"))
-            for i in range(mask.shape[0]):
-                keep = mask[i].bool()
-                s = out.encoder[:, i, keep]
-                self.states.append(s if dtype is None else s.to(dtype))  # masking already copied
-                last = out.encoder_last
-                self.lasts.append(None if last is None else last[i, keep].to(dtype or last.dtype))
-            if on_batch is not None:
-                on_batch()
+        total = len(batches) if isinstance(batches, Sequence) else None
+        with progress_bar(disable=not progress) as bar:
+            task = bar.add_task("caching the backbone states", total=total)
+            for batch in batches:
+                mask = batch.get("attention_mask")
+                if mask is None:
+                    mask = torch.ones_like(batch["input_ids"])
+                out = model.backbone_states(batch["input_ids"], mask, batch.get("token_type_ids"))
+                for i in range(mask.shape[0]):
+                    keep = mask[i].bool()
+                    s = out.encoder[:, i, keep]
+                    self.states.append(s if dtype is None else s.to(dtype))  # masking copied
+                    last = out.encoder_last
+                    self.lasts.append(
+                        None if last is None else last[i, keep].to(dtype or last.dtype)
+                    )
+                bar.advance(task)
 
     def __len__(self) -> int:
         return len(self.states)
@@ -469,17 +498,8 @@ class BackboneCache:
 
     def batch(self, indices: Sequence[int]) -> tuple[BackboneStates, Tensor]:
         """Padded states (1 + blocks, batch, seq, d) of ``indices`` and their attention mask."""
-        parts = [self.states[i] for i in indices]
-        t = max(p.shape[1] for p in parts)
-        first = parts[0]
-        out = first.new_zeros((first.shape[0], len(parts), t, first.shape[2]))
-        mask = torch.zeros(len(parts), t, dtype=torch.long)
+        states, mask = right_pad([self.states[i] for i in indices], dim=1)
         last = None
         if self.lasts[indices[0]] is not None:
-            last = first.new_zeros((len(parts), t, first.shape[2]))
-        for j, (i, p) in enumerate(zip(indices, parts, strict=True)):
-            out[:, j, : p.shape[1]] = p
-            mask[j, : p.shape[1]] = 1
-            if last is not None:
-                last[j, : p.shape[1]] = self.lasts[i]
-        return BackboneStates(out, last), mask
+            last, _ = right_pad([self.lasts[i] for i in indices])
+        return BackboneStates(states, last), mask

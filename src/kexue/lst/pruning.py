@@ -1,7 +1,7 @@
 """Initialising side blocks by structural pruning of the matching backbone blocks.
 
-Reference: ``../shared/reference/ladder-side-tuning.md``. Side block ``j`` is cut out of backbone
-layer ``l_j``: every weight matrix keeps ``1/r`` of its rows (output units), chosen by
+See ``docs/guides/lst.md``, "Initialisation by pruning". Side block ``j`` is cut out of
+backbone layer ``l_j``: every weight matrix keeps ``1/r`` of its rows (output units), chosen by
 importance, and the columns that match the rows kept upstream.
 
 Importance of a weight entry ``w``:
@@ -39,7 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kexue.lst.backbones import Backbone
+from kexue.lst.data import right_pad
 from kexue.lst.side import SideDims, SideStack, pool
+from kexue.progress import progress_bar
+from kexue.validation import check_class_labels
 
 _READ = ("q", "k", "v", "wi", "wi_lin", "xq", "xk", "xv")  # columns on the residual stream
 _WRITE = ("o", "wo", "xo")  # rows on the residual stream
@@ -112,14 +115,20 @@ def _collate(examples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         parts = [ex[key] for ex in examples]
         if parts[0].ndim < 2:
             out[key] = torch.cat(parts)
-            continue
-        t = max(p.shape[1] for p in parts)
-        fill = -100 if key == "labels" else 0
-        padded = parts[0].new_full((len(parts), t), fill)
-        for i, p in enumerate(parts):
-            padded[i, : p.shape[1]] = p[0]
-        out[key] = padded
+        else:
+            fill = -100 if key == "labels" else 0
+            out[key] = right_pad([p[0] for p in parts], value=fill)[0]
     return out
+
+
+def _check_labels(examples: list[dict[str, Tensor]], task: str, num_labels: int, vocab) -> None:
+    """Class labels in ``0..num_labels-1`` (token ids below ``vocab_size`` for seq2seq-lm)."""
+    if task != "seq2seq-lm" and num_labels == 1:
+        return  # regression targets
+    labels = torch.cat([ex["labels"].reshape(-1) for ex in examples])
+    count, name = (vocab, "vocab_size") if task == "seq2seq-lm" else (num_labels, "num_labels")
+    if count is not None:
+        check_class_labels(labels, count, "labels of init_data", count_name=name, ignore_index=-100)
 
 
 def _encode(adapter: Backbone, batch: dict[str, Tensor]) -> Tensor:
@@ -229,6 +238,7 @@ def fisher_importance(
     num_labels: int,
     pooling: str = "mean",
     batch_size: int = 4,
+    progress: bool = True,
 ) -> Importance:
     """Diagonal empirical Fisher ``sum_n (d loss_n / d w)^2`` over up to ``samples`` examples.
 
@@ -238,11 +248,14 @@ def fisher_importance(
     per batch: for a linear layer ``dL_n/dW = sum_t g_nt x_nt^T`` from its inputs ``x`` and
     output gradients ``g``, for a norm ``sum_t g_nt * x_hat_nt`` (padding gets zero gradient,
     so this equals one example per pass). The backbone is left exactly as it was (weights,
-    ``requires_grad`` flags and ``.grad`` untouched).
+    ``requires_grad`` flags and ``.grad`` untouched). ``progress`` shows a bar over the
+    backward passes. Labels outside ``0..num_labels-1`` raise ``ValueError`` naming
+    ``num_labels``. See ``docs/guides/lst.md``, "Initialisation by pruning".
     """
     examples = list(_examples(data, samples))
     if not examples:
         raise ValueError("init_data yielded no examples for the Fisher pass")
+    _check_labels(examples, task, num_labels, getattr(adapter.config, "vocab_size", None))
     params = _named(adapter, layers)
     modules = {}
     for stack, n in adapter.stacks().items():
@@ -272,19 +285,20 @@ def fisher_importance(
     try:
         for p in params.values():
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), progress_bar(disable=not progress) as bar:
+            task_id = bar.add_task("Fisher pass", total=len(batches))
             for batch in batches:
                 seen.clear()
                 loss = _example_losses(adapter, batch, task, num_labels, pooling, probe)
-                if not loss.requires_grad:
-                    continue
-                keys = list(seen)
-                grads = torch.autograd.grad(
-                    loss, [seen[k][1] for k in keys], allow_unused=True, materialize_grads=True
-                )
-                for key, g in zip(keys, grads, strict=True):
-                    _accumulate(fisher, key, modules[key], seen[key][0], g.detach())
+                if loss.requires_grad:
+                    keys = list(seen)
+                    grads = torch.autograd.grad(
+                        loss, [seen[k][1] for k in keys], allow_unused=True, materialize_grads=True
+                    )
+                    for key, g in zip(keys, grads, strict=True):
+                        _accumulate(fisher, key, modules[key], seen[key][0], g.detach())
                 seen.clear()
+                bar.advance(task_id)
     finally:
         for h in handles:
             h.remove()

