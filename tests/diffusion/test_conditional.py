@@ -1,5 +1,5 @@
 """Conditional variance heads (SN / NPR): the regression targets, the variance callable against
-the note's formula, body reuse in the sampler, that training learns the conditional mean, saving,
+the guide's formula, body reuse in the sampler, that training learns the conditional mean, saving,
 and the two CLI commands on a tiny run."""
 
 from __future__ import annotations
@@ -11,40 +11,18 @@ import pytest
 import torch
 
 from kexue.cli import main
-from kexue.diffusion import NoiseSchedule, sample
-from kexue.diffusion.conditional import (
-    VarianceHead,
-    load_variance_head,
-    train_variance_head,
-    variance_head_loss,
-)
-from kexue.diffusion.data import load_images
-from kexue.diffusion.train import diffusion_loss
-from kexue.diffusion.unet import UNet
+from kexue.diffusion import NoiseSchedule, UNet, VarianceHead, sample, train_variance_head
+from kexue.diffusion.conditional import variance_head_loss
 from kexue.diffusion.variance import SECOND_TO_LAST_CAP
+from kexue.exceptions import CheckpointError
 
 S = NoiseSchedule.su_linear(50)
 
 
 @pytest.fixture(scope="module")
-def digits() -> torch.Tensor:
-    return load_images("digits8x8").train
-
-
-@pytest.fixture(scope="module")
-def base(digits) -> UNet:
-    """A tiny mean model trained briefly: good enough that its error depends on t."""
-    torch.manual_seed(0)
-    model = UNet(channels=8, channel_mults=(1, 2), blocks=1, T=S.T)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        idx = torch.randint(0, len(digits), (32,), generator=gen)
-        loss = diffusion_loss(model, S, digits[idx], gen)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval().requires_grad_(False)
+def base(tiny_model, tiny_schedule) -> UNet:
+    assert tiny_schedule.same_as(S)
+    return tiny_model
 
 
 @pytest.mark.parametrize("kind", ["sn", "npr"])
@@ -98,11 +76,24 @@ def test_sampler_runs_the_body_once_per_step(base):
     features = base.features
     base.features = lambda x, t: (calls.append(1), features(x, t))[1]
     try:
-        out = sample(head, S, (3, 1, 8, 8), steps=7, eta=1.0, variance=head.reverse_variance(7),
+        out = sample(head, S, (3, 1, 8, 8), steps=7, eta=1.0,
+                     variance=head.reverse_variance(7, eta=1.0),
                      generator=torch.Generator().manual_seed(0), progress=False)  # fmt: skip
     finally:
         del base.features
     assert len(calls) == 7 and torch.isfinite(out).all()
+
+
+def test_variance_built_for_another_eta_or_trajectory_is_refused(base):
+    """The README trap: sample's default is eta = 1 (DDPM), reverse_variance's eta = 0."""
+    head = VarianceHead(base, S, "sn")
+    with pytest.raises(ValueError, match="eta"):
+        sample(head, S, (1, 1, 8, 8), steps=5, variance=head.reverse_variance(5), progress=False)
+    with pytest.raises(ValueError, match="trajectory"):
+        sample(head, S, (1, 1, 8, 8), steps=6, eta=0.0, variance=head.reverse_variance(5),
+               progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="schedule"):
+        VarianceHead(base.__class__(base.config, schedule=NoiseSchedule.cosine(50)), S, "sn")
 
 
 def test_training_learns_the_conditional_mean(base, digits):
@@ -130,13 +121,23 @@ def test_training_learns_the_conditional_mean(base, digits):
 def test_save_load_and_refuse_another_base(tmp_path, base, digits):
     head = train_variance_head(base, "sn", schedule=S, data=digits, steps=5, batch_size=8,
                                progress=False, out=tmp_path / "h")  # fmt: skip
-    loaded = load_variance_head(tmp_path / "h", base, S)
+    loaded = VarianceHead.from_pretrained(tmp_path / "h", base=base)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 40])
     torch.testing.assert_close(loaded.g(x, t), head.g(x, t))
     assert loaded.kind == "sn"
+    saved = head.head.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.head.state_dict().items())
+    assert not (tmp_path / "h" / "model.safetensors").exists()  # only the head is saved
     other = UNet(channels=8, channel_mults=(1, 2), blocks=1, T=S.T)
     with pytest.raises(ValueError, match="another mean model"):
-        load_variance_head(tmp_path / "h", other, S)
+        VarianceHead.from_pretrained(tmp_path / "h", base=other)
+    with pytest.raises(ValueError, match="base="):
+        VarianceHead.from_pretrained(tmp_path / "h")  # trained on an in-memory model
+    data = bytearray((tmp_path / "h" / "head.safetensors").read_bytes())
+    data[-5] ^= 0x01
+    (tmp_path / "h" / "head.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        VarianceHead.from_pretrained(tmp_path / "h", base=base)
     with pytest.raises(ValueError, match="kind"):
         train_variance_head(base, "diag", schedule=S, data=digits, steps=1, progress=False)
     with pytest.raises(ValueError, match="schedule is required"):
@@ -163,13 +164,13 @@ def test_cli_train_variance_and_nll_on_a_tiny_run(tmp_path: Path, capsys):
                          str(tmp_path / "head"), "--no-progress")  # fmt: skip
     assert code == 0, err
     assert "NPR variance head" in out and (tmp_path / "head" / "head.safetensors").exists()
-    assert load_variance_head(tmp_path / "head").kind == "npr"  # finds its base by itself
+    assert VarianceHead.from_pretrained(tmp_path / "head").kind == "npr"  # finds its base
     moments = tmp_path / "moments"
     code, out, err = cli("nll", "--ckpt", str(run), "--data", "digits8x8", "--steps", "5", "--n",
                          "8", "--variance", "analytic", "--trajectory", "optimal", "--moments",
                          str(moments), "--moment-images", "4", "--no-progress")  # fmt: skip
     assert code == 0, err
-    assert "bits/dim" in out and (moments / "moments.json").exists()
+    assert "bits/dim" in out and (moments / "config.json").exists()
     value = float(out.split("NLL bound ")[1].split()[0])
     assert 0 < value < 100
     code, out, err = cli("nll", "--ckpt", str(run), "--data", "digits8x8", "--steps", "5", "--n",

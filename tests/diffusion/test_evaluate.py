@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from kexue.diffusion.evaluate import (
+    DigitClassifier,
     DigitEvaluator,
     classify,
     frechet_distance,
-    load_classifier,
     precision_recall,
+    train_digit_classifier,
 )
+from kexue.exceptions import CheckpointError
 
 
 def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -59,7 +61,7 @@ def test_shipped_classifier_recognises_held_out_digits():
     from kexue.diffusion.data import load_images
 
     data = load_images("mnist5k")
-    model = load_classifier()
+    model = DigitClassifier.from_pretrained("mnist5k")
     feats, probs = classify(model, data.heldout)
     assert feats.shape == (1000, 128)
     accuracy = float((probs.argmax(1) == data.heldout_labels).float().mean())
@@ -72,3 +74,29 @@ def test_shipped_classifier_recognises_held_out_digits():
     assert real.precision > 0.7 and real.recall > 0.7
     with pytest.raises(ValueError, match="shape"):
         classify(model, torch.zeros(2, 1, 8, 8))
+
+
+def test_classifier_save_load_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    model = DigitClassifier(info={"note": "random init"})
+    path = model.save_pretrained(tmp_path / "c")
+    loaded = DigitClassifier.from_pretrained(path)
+    assert loaded.info == {"note": "random init"}
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[100] ^= 0x10
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        DigitClassifier.from_pretrained(path)
+
+
+def test_train_digit_classifier_checks_its_input():
+    images = torch.zeros(8, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"0\.\.9"):
+        train_digit_classifier(images, torch.full((8,), 10), epochs=1, batch_size=4,
+                               progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="shape"):
+        train_digit_classifier(torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        train_digit_classifier(images, torch.zeros(7, dtype=torch.long))

@@ -11,20 +11,13 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from kexue.diffusion import NoiseSchedule
+from kexue.diffusion import NoiseSchedule, UNet
 from kexue.diffusion.likelihood import discretized_gaussian_log_likelihood, nll_bpd
+from kexue.exceptions import NonFiniteError
+from kexue.testing.diffusion import gaussian_eps as linear_eps
 
 S = NoiseSchedule.cosine(25)
 WRONG_STD = 0.7  # the eps-model is optimal for N(0, 0.7^2), not for the data: an imperfect mean
-
-
-def linear_eps(schedule: NoiseSchedule, std: float):
-    def eps(x, t):
-        a = schedule.abar.to(x.dtype)[t].view(-1, 1, 1, 1)
-        b = schedule.bbar.to(x.dtype)[t].view(-1, 1, 1, 1)
-        return b * x / (a**2 * std**2 + b**2)
-
-    return eps
 
 
 def bin_logprob(x: float, mean: np.ndarray, std: float) -> np.ndarray:
@@ -117,7 +110,7 @@ def test_nll_matches_the_closed_form_expectation(steps, eta, kind):
 
 def test_same_draws_give_the_same_terms_as_a_direct_float64_computation():
     """With the noise drawn in nll_bpd's documented order (per batch, one eps per image and
-    jump, from the top step down), every term written out from the note must agree to 1e-10."""
+    jump, from the top step down), every term written out from the guide must agree to 1e-10."""
     kept, eta = [1, 4, 9, 17, 25], 0.8
     variances = [2.0 * v for v in ddpm_variances(kept, "large")]
     eps_model = linear_eps(S, WRONG_STD)
@@ -151,7 +144,7 @@ def test_same_draws_give_the_same_terms_as_a_direct_float64_computation():
 
 
 def test_small_variance_bound_explodes_at_few_steps():
-    """The note's observation: with few steps DDPM's small variance gives a much worse bound."""
+    """The guide's observation: with few steps DDPM's small variance gives a much worse bound."""
     data = IMAGES.repeat_interleave(50, 0)
     kw = {"steps": 3, "progress": False, "generator": torch.Generator().manual_seed(1)}
     results = nll_bpd(linear_eps(S, WRONG_STD), S, data, variance={"small": "small",
@@ -235,6 +228,23 @@ def test_bad_inputs():
         nll_bpd(eps, S, IMAGES, variance="analytic", **kw)
     with pytest.raises(TypeError, match="eps_model"):
         nll_bpd("model", S, IMAGES, **kw)
+    with pytest.raises(ValueError, match="bins"):
+        nll_bpd(eps, S, IMAGES, bins=1, **kw)
+    with pytest.raises(ValueError, match="at least one image"):
+        nll_bpd(eps, S, IMAGES[:0], **kw)
+    with pytest.raises(TypeError, match="data"):
+        nll_bpd(eps, S, IMAGES.tolist(), **kw)
+    model = UNet(channels=8, channel_mults=(1, 2), blocks=1, T=25, schedule=S)
+    with pytest.raises(ValueError, match="schedule"):
+        nll_bpd(model, NoiseSchedule.su_linear(25), IMAGES, **kw)
+
+
+def test_nan_from_the_model_names_the_step():
+    def broken(x, t):
+        return torch.full_like(x, math.nan) if int(t[0]) == 9 else 0 * x
+
+    with pytest.raises(NonFiniteError, match="t=9"):
+        nll_bpd(broken, S, IMAGES, steps=[1, 4, 9, 17, 25], progress=False)
 
 
 def test_works_with_a_diffusers_unet():

@@ -10,67 +10,13 @@ import torch
 
 from kexue.diffusion import NoiseSchedule
 from kexue.diffusion.moments import DiffusionMoments, estimate_moments
+from kexue.exceptions import CheckpointError, NonFiniteError
+from kexue.testing.diffusion import GaussianMixture, gaussian_eps, gaussian_posterior_variance
+
+UNBOUNDED = (-math.inf, math.inf)  # Gaussian test data: no bound from a pixel range
 
 
-class Mixture:
-    """``p(x_0) = sum_k w_k N(mu_k, s_k^2 I)`` on images of ``shape`` (float64), with the exact
-    posterior ``p(x_0 | x_t)`` of ``x_t = a x_0 + b eps``: a mixture of Gaussians whose
-    component responsibilities, means and variances are written out here independently."""
-
-    def __init__(self, weights, means, stds) -> None:
-        self.w = torch.as_tensor(weights, dtype=torch.float64)
-        self.mu = torch.as_tensor(means, dtype=torch.float64)  # (k, *shape)
-        self.s = torch.as_tensor(stds, dtype=torch.float64)  # (k,)
-        self.shape = tuple(self.mu.shape[1:])
-
-    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        k = torch.multinomial(self.w, n, replacement=True, generator=gen)
-        z = torch.randn((n, *self.shape), generator=gen, dtype=torch.float64)
-        view = (-1,) + (1,) * len(self.shape)
-        return self.mu[k] + self.s[k].view(view) * z
-
-    def posterior(self, x_t: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
-        """Per-dimension ``E[x_0 | x_t]`` and ``Var[x_0 | x_t]``; ``a, b`` broadcast to x_t."""
-        d = math.prod(self.shape)
-        views = [(-1,) + (1,) * len(self.shape)] * 2
-        logits, means, second = [], [], []
-        for k in range(len(self.w)):
-            s2 = self.s[k] ** 2
-            total = torch.broadcast_to(a**2 * s2 + b**2, x_t.shape)  # Var x_t in component k
-            r = x_t - a * self.mu[k]
-            quad = (r**2 / total).flatten(1).sum(1)
-            log_det = d * torch.log(total.flatten(1)[:, 0])
-            logits.append(torch.log(self.w[k]) - 0.5 * (quad + log_det))
-            m_k = self.mu[k] + (a * s2 / total) * r
-            v_k = s2 * b**2 / total
-            means.append(m_k)
-            second.append(v_k + m_k**2)
-        resp = torch.softmax(torch.stack(logits, 1), 1)  # (n, k)
-        mean = sum(resp[:, k].view(views[0]) * means[k] for k in range(len(self.w)))
-        sq = sum(resp[:, k].view(views[1]) * second[k] for k in range(len(self.w)))
-        return mean, sq - mean**2
-
-    def eps_model(self, schedule: NoiseSchedule):
-        def eps(x, t):
-            view = (-1,) + (1,) * len(self.shape)
-            a = schedule.abar.double()[t].view(view)
-            b = schedule.bbar.double()[t].view(view)
-            mean, _ = self.posterior(x.double(), a, b)
-            return (x.double() - a * mean) / b
-
-        return eps
-
-    def true_sbar2(self, schedule: NoiseSchedule, t: int, n: int, gen: torch.Generator):
-        """Monte Carlo of ``E_{x_t}[Var(x_0 | x_t)]`` per dimension, with the conditional variance
-        exact for each draw; returns (estimate, its standard error), each of ``shape``."""
-        x0 = self.sample(n, gen)
-        a, b = schedule.abar.double()[t], schedule.bbar.double()[t]
-        x_t = a * x0 + b * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-        _, var = self.posterior(x_t, a, b)
-        return var.mean(0), var.std(0) / math.sqrt(n)
-
-
-def mixture() -> Mixture:
+def mixture() -> GaussianMixture:
     shape = (1, 2, 3)
     means = torch.stack(
         [
@@ -79,16 +25,7 @@ def mixture() -> Mixture:
             torch.tensor([0.0, 0.0, 0.7, 0.0, 0.0, -0.8]).view(shape),
         ]
     )
-    return Mixture([0.5, 0.3, 0.2], means, [0.15, 0.25, 0.1])
-
-
-def gaussian_eps(schedule: NoiseSchedule, std: float):
-    def eps(x, t):
-        a = schedule.abar.double()[t].view(-1, 1, 1, 1)
-        b = schedule.bbar.double()[t].view(-1, 1, 1, 1)
-        return b * x / (a**2 * std**2 + b**2)
-
-    return eps
+    return GaussianMixture([0.5, 0.3, 0.2], means, [0.15, 0.25, 0.1])
 
 
 SCHEDULE = NoiseSchedule.cosine(40)
@@ -101,7 +38,7 @@ def mixture_moments():
     data = mix.sample(3000, gen)
     moments = estimate_moments(
         mix.eps_model(SCHEDULE), SCHEDULE, data, num_images=None, batch_size=4000,
-        generator=gen, progress=False, keep_per_image=True,
+        generator=gen, progress=False, keep_per_image=True, data_range=UNBOUNDED,
     )  # fmt: skip
     truth, truth_se = [], []
     for t in range(1, SCHEDULE.T + 1):
@@ -179,7 +116,8 @@ def test_standard_error_matches_the_spread_of_independent_estimates():
     for seed in range(24):
         gen = torch.Generator().manual_seed(seed)
         data = 0.5 * torch.randn(150, 1, 2, 2, generator=gen, dtype=torch.float64)
-        m = estimate_moments(eps, s, data, num_images=None, generator=gen, progress=False)
+        m = estimate_moments(eps, s, data, num_images=None, generator=gen, progress=False,
+                             data_range=UNBOUNDED)  # fmt: skip
         estimates.append(torch.stack([m.raw_sbar2(f) for f in ("gamma", "moment", "mle")]))
         errors.append(torch.stack([m.standard_error(f) for f in ("gamma", "moment", "mle")]))
     spread = torch.stack(estimates).std(0)
@@ -195,9 +133,8 @@ def test_single_gaussian_closed_form():
     gen = torch.Generator().manual_seed(3)
     data = std * torch.randn(2000, 1, 2, 2, generator=gen, dtype=torch.float64)
     m = estimate_moments(gaussian_eps(s, std), s, data, num_images=None, generator=gen,
-                         batch_size=20_000, progress=False)  # fmt: skip
-    a, b = s.abar[1:], s.bbar[1:]
-    true = std**2 * b**2 / (a**2 * std**2 + b**2)
+                         batch_size=20_000, progress=False, data_range=UNBOUNDED)  # fmt: skip
+    true = gaussian_posterior_variance(s, std)
     for form in ("gamma", "moment", "mle"):
         z = (m.raw_sbar2(form) - true) / m.standard_error(form)
         assert z.abs().max() < 4.5, (form, z)
@@ -216,7 +153,7 @@ def test_imperfect_mean_only_the_mle_kind_is_right():
     gen = torch.Generator().manual_seed(4)
     data = std * torch.randn(4000, 1, 2, 2, generator=gen, dtype=torch.float64)
     m = estimate_moments(gaussian_eps(s, wrong), s, data, num_images=None, generator=gen,
-                         progress=False)  # fmt: skip
+                         progress=False, data_range=UNBOUNDED)  # fmt: skip
     a, b = s.abar[1:], s.bbar[1:]
     c = b / (a**2 * wrong**2 + b**2)  # eps_theta = c x_t
     # x0 - x0_hat = b c x0 - (1 - b c)(b / a) eps
@@ -229,30 +166,35 @@ def test_imperfect_mean_only_the_mle_kind_is_right():
 
 def test_save_load_roundtrip_and_tamper_detection(tmp_path, mixture_moments):
     moments, _, _ = mixture_moments
-    path = moments.save(tmp_path / "m")
-    loaded = DiffusionMoments.load(path)
-    for name in ("Gamma", "eps2", "moment_diag", "err_sq", "abar"):
+    path = moments.save_pretrained(tmp_path / "m")
+    loaded = DiffusionMoments.from_pretrained(path)
+    for name in ("Gamma", "Gamma_sq", "eps2", "moment", "moment_sq", "moment_diag", "err",
+                 "err_sq", "err_diag", "abar"):  # fmt: skip
         assert torch.equal(getattr(loaded, name), getattr(moments, name))
-    assert loaded.per_image is not None and torch.equal(
-        loaded.per_image["mle"], moments.per_image["mle"]
+        assert getattr(loaded, name).dtype == torch.float64
+    assert loaded.per_image is not None and all(
+        torch.equal(loaded.per_image[k], moments.per_image[k]) for k in moments.per_image
     )
     assert loaded.image_shape == moments.image_shape and loaded.num_images == moments.num_images
+    assert loaded.data_range == moments.data_range and loaded.data_var == moments.data_var
+    assert loaded.schedule_config == moments.schedule_config and loaded.info == moments.info
     torch.testing.assert_close(loaded.sbar2("analytic"), moments.sbar2("analytic"))
     assert not list(path.glob(".*tmp*"))  # no temporary files left
     data = bytearray((path / "moments.safetensors").read_bytes())
     data[-3] ^= 0xFF
     (path / "moments.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="SHA-256"):
-        DiffusionMoments.load(path)
-    with pytest.raises(ValueError, match="no saved moments"):
-        DiffusionMoments.load(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        DiffusionMoments.from_pretrained(path)
+    with pytest.raises(ValueError, match="nor an existing folder"):
+        DiffusionMoments.from_pretrained(tmp_path / "nothing")
 
 
 def test_restricted_steps_and_bad_inputs():
     s = NoiseSchedule.su_linear(20)
     data = 0.5 * torch.randn(50, 1, 2, 2, dtype=torch.float64)
     eps = gaussian_eps(s, 0.5)
-    m = estimate_moments(eps, s, data, steps=[1, 7, 20], num_images=20, progress=False)
+    data = data.clamp(-1, 1)
+    m = estimate_moments(eps, s, data, timesteps=[1, 7, 20], num_images=20, progress=False)
     assert m.estimated_steps == [1, 7, 20]
     assert math.isnan(float(m.Gamma[1])) and not math.isnan(float(m.Gamma[6]))
     with pytest.raises(ValueError, match="lack"):
@@ -265,9 +207,9 @@ def test_restricted_steps_and_bad_inputs():
         m.check(s, (1, 4, 4))
     m.check(s, (8, 1, 2, 2))  # a batch shape is fine
     with pytest.raises(ValueError, match="steps"):
-        estimate_moments(eps, s, data, steps=[0, 3], progress=False)
+        estimate_moments(eps, s, data, timesteps=[0, 3], progress=False)
     with pytest.raises(ValueError, match="steps"):
-        estimate_moments(eps, s, data, steps=[5, 21], progress=False)
+        estimate_moments(eps, s, data, timesteps=[5, 21], progress=False)
     with pytest.raises(ValueError, match="num_images"):
         estimate_moments(eps, s, data, num_images=1, progress=False)
     with pytest.raises(TypeError, match="data"):
@@ -278,3 +220,38 @@ def test_restricted_steps_and_bad_inputs():
         m.standard_error("paper")
     with pytest.raises(ValueError, match="bootstrap"):
         m.bootstrap_standard_error("gamma")
+
+
+def test_data_outside_data_range_is_refused():
+    """uint8 pixels 0..255 given with the default data_range (-1, 1): an error, not zeros."""
+    s = NoiseSchedule.su_linear(10)
+    eps = gaussian_eps(s, 0.5)
+    pixels = torch.randint(0, 256, (8, 1, 2, 2), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="data_range"):
+        estimate_moments(eps, s, pixels.to(torch.uint8), progress=False)
+    with pytest.raises(ValueError, match="data_range"):
+        estimate_moments(eps, s, pixels.double(), progress=False)
+    scaled = pixels.double() / 127.5 - 1
+    m = estimate_moments(eps, s, scaled, progress=False)
+    assert m.data_range == (-1.0, 1.0)
+    wide = estimate_moments(eps, s, pixels.double(), data_range=(0, 255), progress=False)
+    assert wide.data_range == (0.0, 255.0)
+    with pytest.raises(ValueError, match="data_range"):
+        estimate_moments(eps, s, scaled, data_range=(1, -1), progress=False)
+    with pytest.raises(TypeError, match="data_range"):
+        estimate_moments(eps, s, scaled, data_range=1.0, progress=False)
+
+
+def test_nan_from_the_model_names_the_steps():
+    s = NoiseSchedule.su_linear(10)
+    data = torch.zeros(4, 1, 2, 2, dtype=torch.float64)
+
+    def broken(x, t):
+        return torch.where((t == 6).view(-1, 1, 1, 1), math.nan, 0.0) + 0 * x
+
+    with pytest.raises(NonFiniteError, match="t=6"):
+        estimate_moments(broken, s, data, timesteps=[2, 6], batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="at least one image"):
+        estimate_moments(broken, s, data[:0], progress=False)
+    with pytest.raises(ValueError, match="finite"):
+        estimate_moments(broken, s, data + math.nan, progress=False)

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from test_moments import gaussian_eps
 
 from kexue.diffusion import NoiseSchedule, sample
 from kexue.diffusion.moments import DiffusionMoments, estimate_moments
@@ -21,6 +20,7 @@ from kexue.diffusion.variance import (
     optimal_trajectory,
     optimal_variance,
 )
+from kexue.testing.diffusion import gaussian_eps
 
 
 def moments_with(
@@ -45,7 +45,7 @@ def moments_with(
 
 
 def reference_variance(schedule, steps, sbar2, eta):
-    """The note's general posterior: sigma^2 + gamma^2 sbar^2 per jump, floats only."""
+    """The general posterior of the guide: sigma^2 + gamma^2 sbar^2 per jump, floats only."""
     out = []
     for i, t in enumerate(steps):
         s = steps[i - 1] if i else 0
@@ -133,7 +133,7 @@ def test_fixed_variances_match_ddpm():
 @pytest.mark.parametrize("error", ["assumed", "mle"])
 def test_dynamic_programming_finds_the_cheapest_trajectory(error):
     """Brute force over all trajectories of a short schedule, with the per-jump cost (the
-    expected KL per dim of the jump) written out from the note. The model's mean error is 3x
+    expected KL per dim of the jump) written out from the guide. The model's mean error is 3x
     the perfect-mean estimate, so the two cost modes differ."""
     s = NoiseSchedule.su_linear(12)
     g = torch.Generator().manual_seed(0)
@@ -188,8 +188,8 @@ def test_optimal_variance_makes_gaussian_sampling_exact(eta):
     data = std * torch.randn(2000, 1, 2, 2, generator=gen, dtype=torch.float64)
     eps = gaussian_eps(s, std)
     steps = s.trajectory(5)
-    m = estimate_moments(eps, s, data, steps=steps, num_images=None, generator=gen,
-                         progress=False)  # fmt: skip
+    m = estimate_moments(eps, s, data, timesteps=steps, num_images=None, generator=gen,
+                         progress=False, data_range=(-math.inf, math.inf))  # fmt: skip
     var = optimal_variance(m, s, steps, eta=eta, last_step="decoder", cap_second_last=None)
     x_T = torch.randn(10_000, 1, 2, 2, generator=gen, dtype=torch.float64)
     x_T = x_T * math.sqrt(float(s.abar[-1]) ** 2 * std**2 + float(s.bbar[-1]) ** 2)

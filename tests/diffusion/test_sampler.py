@@ -7,30 +7,10 @@ import math
 import pytest
 import torch
 
-from kexue.diffusion import NoiseSchedule, sample
+from kexue.diffusion import NoiseSchedule, UNet, sample
 from kexue.diffusion.sampler import jumps, resolve_steps
-
-
-def point_eps(schedule: NoiseSchedule, point: torch.Tensor):
-    """Exact eps-model when the data is the single point ``point``: eps = (x_t - abar x*) / bbar."""
-
-    def eps(x, t):
-        a = schedule.abar.to(x.dtype)[t].view(-1, 1, 1, 1)
-        b = schedule.bbar.to(x.dtype)[t].view(-1, 1, 1, 1)
-        return (x - a * point) / b
-
-    return eps
-
-
-def gaussian_eps(schedule: NoiseSchedule, std: float):
-    """Exact eps-model for data N(0, std^2 I): E[eps | x_t] = bbar x_t / (abar^2 std^2 + bbar^2)."""
-
-    def eps(x, t):
-        a = schedule.abar.to(x.dtype)[t].view(-1, 1, 1, 1)
-        b = schedule.bbar.to(x.dtype)[t].view(-1, 1, 1, 1)
-        return b * x / (a**2 * std**2 + b**2)
-
-    return eps
+from kexue.exceptions import NonFiniteError
+from kexue.testing.diffusion import gaussian_eps, point_eps, reference_sample
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
@@ -63,7 +43,7 @@ def test_gaussian_data_variance_is_reproduced(eta, variance):
 
 def test_ddim_on_gaussian_data_is_the_exact_linear_map():
     """eta = 0 with the exact eps of N(0, s^2) is x_0 = C x_T; C from a scalar recurrence of
-    the note's DDIM update, written independently here in float64."""
+    the DDIM update of docs/guides/diffusion.md, written independently here in float64."""
     s = NoiseSchedule.su_linear(200)
     std, steps = 0.5, [1, 20, 90, 200]
     c = 1.0
@@ -121,6 +101,119 @@ def test_variance_tensor_and_callable_are_used():
     assert calls == [(50, 10), (10, 1), (1, 0)]
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_variance_tensor_enters_each_jump_exactly(eta):
+    """A per-step, per-pixel variance tensor against the reverse process written from the
+    posterior (kexue.testing.diffusion.reference_sample), same noise draws: every entry must
+    enter its own jump (entry i for the jump from steps[i]) and broadcast over the batch."""
+    s = NoiseSchedule.su_linear(60)
+    steps = [1, 7, 25, 60]
+    eps = gaussian_eps(s, 0.5)
+    gen = torch.Generator().manual_seed(3)
+    base = torch.tensor([0.02, 0.15, 0.4, 0.9], dtype=torch.float64)
+    pixel = torch.tensor([[1.0, 0.5], [2.0, 0.25]], dtype=torch.float64)
+    var = base.view(-1, 1, 1, 1) * pixel.view(1, 1, 2, 2)  # (K, 1, 2, 2): distinct everywhere
+    x_T = torch.randn(6, 1, 2, 2, generator=gen, dtype=torch.float64)
+    got = sample(eps, s, x_T.shape, steps=steps, eta=eta, variance=var, x_T=x_T,
+                 generator=torch.Generator().manual_seed(9), progress=False)  # fmt: skip
+    want = reference_sample(eps, s, steps, eta, x_T, list(var),
+                            torch.Generator().manual_seed(9))  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # the tensor matters: other variances (reversed order, or ignored) give other images
+    for other in (var.flip(0), torch.zeros_like(var)):
+        moved = sample(eps, s, x_T.shape, steps=steps, eta=eta, variance=other, x_T=x_T,
+                       generator=torch.Generator().manual_seed(9), progress=False)  # fmt: skip
+        assert (moved - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("eta, variance", [(1.0, None), (0.3, None), (1.0, "large")])
+def test_builtin_variances_match_the_reference_update(eta, variance):
+    """The sampler's update against the posterior form of the reference (float64, same
+    draws): mean and noise of every jump, with the eta-family or DDPM's large variance."""
+    s = NoiseSchedule.cosine(40)
+    steps = [1, 3, 11, 26, 40]
+    eps = gaussian_eps(s, 0.7)
+    x_T = torch.randn(5, 1, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    plan = jumps(s, steps, eta, variance)
+    var = [j.noise_var for j in reversed(plan)]  # entry i: the jump from steps[i]
+    got = sample(eps, s, x_T.shape, steps=steps, eta=eta, variance=variance, x_T=x_T,
+                 generator=torch.Generator().manual_seed(4), progress=False)  # fmt: skip
+    # only the last jump is noiseless (the sampler draws nothing there, the reference draws
+    # last and multiplies by 0), so both consume the same draws
+    ref_var = torch.tensor(var, dtype=torch.float64)
+    assert ref_var[0] == 0.0 and (ref_var[1:] > 0).all()
+    want = reference_sample(eps, s, steps, eta, x_T, var, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_dtype_follows_x_T_and_float64_models_stay_float64():
+    s = NoiseSchedule.su_linear(30)
+    seen = []
+
+    def eps(x, t):
+        seen.append(x.dtype)
+        return gaussian_eps(s, 0.5)(x, t)
+
+    x64 = torch.randn(3, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = sample(eps, s, x64.shape, steps=5, x_T=x64, progress=False,
+                 generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert out.dtype == torch.float64 and set(seen) == {torch.float64}
+    half = sample(lambda x, t: torch.zeros_like(x), s, (2, 1, 2, 2), steps=3, eta=0.0,
+                  x_T=torch.zeros(2, 1, 2, 2, dtype=torch.float16), progress=False)  # fmt: skip
+    assert half.dtype == torch.float16
+    assert sample(eps, s, (2, 1, 2, 2), steps=3, progress=False).dtype == torch.float32
+    forced = sample(eps, s, (2, 1, 2, 2), steps=3, x_T=x64[:2], dtype=torch.float32,
+                    progress=False)  # fmt: skip
+    assert forced.dtype == torch.float32
+    model = UNet(channels=8, channel_mults=(1, 2), blocks=1, T=30).double()
+    assert sample(model, s, (1, 1, 4, 4), steps=2, progress=False).dtype == torch.float64
+
+
+def test_model_dtype_mismatch_names_dtype():
+    s = NoiseSchedule.su_linear(30)
+    model = UNet(channels=8, channel_mults=(1, 2), blocks=1, T=30)  # float32
+    with pytest.raises(TypeError, match=r"dtype.*float64|float64.*dtype"):
+        sample(model, s, (1, 1, 4, 4), steps=2, x_T=torch.zeros(1, 1, 4, 4, dtype=torch.float64),
+               progress=False)  # fmt: skip
+    with pytest.raises(TypeError, match=r"dtype=torch\.float16"):
+        sample(model, s, (1, 1, 4, 4), steps=2, dtype=torch.float16, progress=False)
+    with pytest.raises(TypeError, match="dtype"):
+        sample(model, s, (1, 1, 4, 4), steps=2, dtype=torch.int64, progress=False)
+
+
+@pytest.mark.parametrize("bad", [[[0.0]], "x", 3.0])
+def test_x_T_must_be_a_tensor(bad):
+    s = NoiseSchedule.su_linear(10)
+    with pytest.raises(TypeError, match="x_T"):
+        sample(lambda x, t: x, s, (1, 1, 1, 1), x_T=bad, progress=False)
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match="x_T"):
+        sample(lambda x, t: x, s, (1, 1, 1, 1), x_T=np.zeros((1, 1, 1, 1)), progress=False)
+    with pytest.raises(TypeError, match="x_T"):
+        sample(lambda x, t: x, s, (1, 1, 1, 1), x_T=torch.zeros(1, 1, 1, 1, dtype=torch.long),
+               progress=False)  # fmt: skip
+
+
+def test_nan_from_the_model_names_the_step():
+    s = NoiseSchedule.su_linear(20)
+
+    def broken(x, t):
+        return torch.full_like(x, math.nan) if int(t[0]) <= 9 else torch.zeros_like(x)
+
+    with pytest.raises(NonFiniteError, match="t=9"):
+        sample(broken, s, (2, 1, 2, 2), steps=[3, 9, 15, 20], progress=False)
+
+
+def test_a_model_with_its_schedule_refuses_another():
+    s = NoiseSchedule.su_linear(30)
+    model = UNet(channels=8, channel_mults=(1, 2), blocks=1, T=30, schedule=s)
+    sample(model, NoiseSchedule.su_linear(30), (1, 1, 4, 4), steps=2, progress=False)  # same
+    with pytest.raises(ValueError, match="schedule"):
+        sample(model, NoiseSchedule.cosine(30), (1, 1, 4, 4), steps=2, progress=False)
+    with pytest.raises(ValueError, match="schedule"):
+        sample(model, NoiseSchedule.su_linear(20), (1, 1, 4, 4), steps=2, progress=False)
+
+
 def test_trajectory_output():
     s = NoiseSchedule.su_linear(20)
     out, traj = sample(
@@ -151,6 +244,12 @@ def test_errors():
         sample(zero, s, (1, 1, 4, 4), variance="huge", progress=False)
     with pytest.raises(ValueError, match="x_T must have shape"):
         sample(zero, s, (1, 1, 4, 4), x_T=torch.zeros(2, 1, 4, 4), progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        sample(zero, s, (1, 0, 4, 4), progress=False)
+    with pytest.raises(ValueError, match="clip_x0"):
+        sample(zero, s, (1, 1, 4, 4), clip_x0=-1.0, progress=False)
+    with pytest.raises(TypeError, match="generator"):
+        sample(zero, s, (1, 1, 4, 4), generator=0, progress=False)
     with pytest.raises(TypeError, match="schedule"):
         sample(zero, "su_linear", (1, 1, 4, 4), progress=False)
     with pytest.raises(TypeError, match="callable"):

@@ -109,3 +109,60 @@ def test_errors():
         NoiseSchedule.ddpm_linear(10, 0.5, 0.1)
     with pytest.raises(ValueError, match="unknown schedule kind"):
         NoiseSchedule.from_config({"kind": "nope"})
+
+
+def test_add_noise_is_the_forward_jump():
+    """x_t = abar_t x_0 + bbar_t eps, per item, against the product of the alphas written out."""
+    s = NoiseSchedule.cosine(50)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 2, 3, 3, generator=gen, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    t = torch.tensor([1, 7, 30, 50])
+    got = s.add_noise(x0, eps, t)
+    for i, step in enumerate(t.tolist()):
+        a = math.prod(s.alpha[1 : step + 1].tolist())
+        want = a * x0[i] + math.sqrt(1 - a * a) * eps[i]
+        torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-14)
+    assert torch.equal(s.add_noise(x0, eps, 0), x0)  # t = 0 is the clean data
+    torch.testing.assert_close(s.add_noise(x0, eps, 7), s.add_noise(x0, eps, torch.full((4,), 7)))
+    half = s.add_noise(x0.half(), eps.half(), t)
+    assert half.dtype == torch.float16  # x0's dtype is kept
+    torch.testing.assert_close(half.double(), got, rtol=0, atol=5e-3)
+
+
+def test_timesteps_and_noise_batch():
+    s = NoiseSchedule.su_linear(20)
+    t = s.sample_timesteps(20_000, generator=torch.Generator().manual_seed(1))
+    assert t.dtype == torch.long and int(t.min()) == 1 and int(t.max()) == 20
+    counts = torch.bincount(t, minlength=21)[1:].double()
+    assert counts.min() > 850 and counts.max() < 1150  # uniform: 1000 each, sd ~31
+    x0 = torch.rand(5, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    batch = s.noise_batch(x0, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the documented order: steps, then the noise
+    t_ref = torch.randint(1, 21, (5,), generator=gen)
+    eps_ref = torch.randn(x0.shape, generator=gen)
+    assert torch.equal(batch.t, t_ref) and torch.equal(batch.eps, eps_ref)
+    a = s.abar.float()[t_ref].view(-1, 1, 1, 1)
+    b = s.bbar.float()[t_ref].view(-1, 1, 1, 1)
+    assert torch.equal(batch.x_t, a * x0 + b * eps_ref)
+
+
+def test_add_noise_errors():
+    s = NoiseSchedule.su_linear(10)
+    x0 = torch.zeros(3, 1, 2, 2)
+    with pytest.raises(ValueError, match="eps"):
+        s.add_noise(x0, torch.zeros(3, 1, 2), 1)
+    with pytest.raises(ValueError, match=r"t must hold steps in 0\.\.T=10"):
+        s.add_noise(x0, x0, torch.tensor([1, 2, 11]))
+    with pytest.raises(ValueError, match="shape"):
+        s.add_noise(x0, x0, torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="t must be"):
+        s.add_noise(x0, x0, torch.tensor([0.5, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="t must be <= 10"):
+        s.add_noise(x0, x0, 11)
+    with pytest.raises(TypeError, match="x0"):
+        s.add_noise(torch.zeros(3, dtype=torch.long), torch.zeros(3), 1)
+    with pytest.raises(TypeError, match="x0"):
+        s.add_noise([0.0], torch.zeros(1), 1)
+    with pytest.raises(ValueError, match="n must be"):
+        s.sample_timesteps(-1)

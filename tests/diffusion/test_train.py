@@ -15,9 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kexue.diffusion import NoiseSchedule
-from kexue.diffusion.checkpoint import CheckpointError, load_checkpoint
-from kexue.diffusion.train import TrainConfig, Trainer, diffusion_loss, load_model
+from kexue.diffusion import DiffusionTrainConfig, NoiseSchedule, Trainer, UNet, diffusion_loss
+from kexue.diffusion.checkpoint import load_checkpoint
+from kexue.diffusion.train import ema_from_checkpoint
+from kexue.exceptions import CheckpointError
+from kexue.io import sha256_bytes
 
 TINY = ["--data", "digits8x8", "--channels", "8", "--channel-mults", "1,2", "--blocks", "1",
         "--batch-size", "16", "--sample-every", "0", "--no-progress"]  # fmt: skip
@@ -130,10 +132,19 @@ def test_sample_command_and_load_model(tmp_path: Path):
     )
     assert result.returncode == 0, result.stderr
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    model, schedule = load_model(out)
+    model = UNet.from_pretrained(out)  # a run folder: its model/, the latest EMA weights
+    schedule = model.schedule
     ema = load_file(str(out / "checkpoints" / "step-00000010" / "ema.safetensors"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
     assert schedule.T == 1000
+    assert model.info["step"] == 10 and model.info["image_shape"] == [1, 8, 8]
+    again = ema_from_checkpoint(out)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ema.items())
+    assert again.schedule.same_as(schedule)
+    exported = cli("export", "--run", str(out), "--to", str(tmp_path / "exported"))
+    assert exported.returncode == 0, exported.stderr
+    loaded = UNet.from_pretrained(tmp_path / "exported")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ema.items())
     bad = cli("sample", "--ckpt", str(out), "--steps", "1")
     assert bad.returncode == 2 and "--steps" in bad.stderr
 
@@ -153,8 +164,22 @@ def test_accelerate_launch_one_cpu_process(tmp_path: Path):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="steps"):
-        TrainConfig(steps=0)
+        DiffusionTrainConfig(steps=0)
     with pytest.raises(ValueError, match="ema_decay"):
-        TrainConfig(ema_decay=1.0)
+        DiffusionTrainConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="batch_size"):
-        Trainer(TrainConfig(data="digits8x8", batch_size=5000), "/nonexistent")
+        Trainer(DiffusionTrainConfig(data="digits8x8", batch_size=5000), "/nonexistent")
+    with pytest.raises(TypeError, match="DiffusionTrainConfig"):
+        Trainer({"steps": 5}, "/nonexistent")
+
+
+def test_checkpoint_hashes_are_those_of_the_bytes_written(tmp_path: Path):
+    from kexue.diffusion.checkpoint import save_checkpoint
+
+    tensors = {"model": {"w": torch.arange(6.0).view(2, 3)}, "ema": {"w": torch.ones(2)}}
+    path = save_checkpoint(tmp_path, 3, tensors, {"note": "x"})
+    state = json.loads((path / "state.json").read_text())
+    for name, digest in state["files"].items():
+        assert sha256_bytes((path / name).read_bytes()) == digest
+    loaded, _ = load_checkpoint(tmp_path)
+    assert torch.equal(loaded["model"]["w"], tensors["model"]["w"])

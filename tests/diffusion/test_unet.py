@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kexue.diffusion import UNet, UNetConfig
+from kexue.diffusion import NoiseSchedule, UNet, UNetConfig
+from kexue.exceptions import CheckpointError
 
 
 def test_default_size_and_shape():
@@ -56,3 +57,44 @@ def test_errors():
         UNetConfig(time_embedding="fourier")
     with pytest.raises(ValueError, match="attention_levels"):
         UNetConfig(attention_levels=(5,))
+
+
+def test_save_pretrained_round_trip_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    schedule = NoiseSchedule.cosine(50)
+    cfg = UNetConfig(channels=8, channel_mults=(1, 2), blocks=1, T=50, time_embedding="learned")
+    model = UNet(cfg, schedule=schedule, info={"step": 7, "image_shape": [1, 8, 8]})
+    for p in model.parameters():  # non-zero weights everywhere (the init zeroes some)
+        p.data.normal_()
+    path = model.save_pretrained(tmp_path / "m")
+    loaded = UNet.from_pretrained(path)
+    assert loaded.config == cfg and loaded.info == {"step": 7, "image_shape": [1, 8, 8]}
+    assert loaded.schedule.same_as(schedule) and torch.equal(loaded.schedule.abar, schedule.abar)
+    state = model.state_dict()
+    assert loaded.state_dict().keys() == state.keys()
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == state[key].dtype and torch.equal(value, state[key]), key
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(loaded(x, torch.tensor([3, 40])), model(x, torch.tensor([3, 40])))
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        UNet.from_pretrained(path)
+    with pytest.raises(ValueError, match="mnist5k"):
+        UNet.from_pretrained("no-such-model")
+
+
+def test_shipped_model_carries_its_schedule():
+    model = UNet.from_pretrained("mnist5k")
+    assert model.schedule.same_as(NoiseSchedule.su_linear(1000))
+    assert model.info["step"] == 8000 and model.info["image_shape"] == [1, 28, 28]
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(CheckpointError, match="DigitClassifier"):
+        UNet.from_pretrained(UNet.pretrained_assets / "classifiers" / "mnist5k")
+
+
+def test_float64_model():
+    model = UNet(channels=8, channel_mults=(1, 2), blocks=1).double()
+    out = model(torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([1, 9]))
+    assert out.dtype == torch.float64

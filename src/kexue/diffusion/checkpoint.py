@@ -8,7 +8,11 @@ Layout of a run folder ``OUT``::
 A checkpoint is written into a temporary folder, flushed, renamed into place, and only then
 does ``latest.json`` move to it (temp file + ``os.replace``): a kill at any moment leaves the
 previous checkpoint intact and pointed to. ``state.json`` holds the SHA-256 of every tensor
-file, so a truncated or altered file is reported instead of loaded.
+file, computed from the bytes written (no second read), so a truncated or altered file is
+reported instead of loaded.
+
+Checkpoints hold what a run needs to resume (model, EMA, optimizer); the model to sample from
+is written beside them with ``save_pretrained`` (``OUT/model``, see :mod:`.train`).
 """
 
 from __future__ import annotations
@@ -19,15 +23,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from kexue.io import fsync_dir, sha256_file, write_json_atomic
+from kexue.exceptions import CheckpointError
+from kexue.extras import require
+from kexue.io import fsync_dir, sha256_bytes, write_json_atomic
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupted."""
+__all__ = [
+    "CheckpointError",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "optimizer_from_flat",
+    "optimizer_to_flat",
+    "save_checkpoint",
+]
 
 
 def optimizer_to_flat(state: dict) -> tuple[dict[str, Tensor], dict]:
@@ -68,13 +77,16 @@ def save_checkpoint(
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    st = require("safetensors.torch", "diffusion")
     files = {}
     for file_stem, group in tensors.items():
         path = tmp / f"{file_stem}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(path))
-        with open(path, "rb+") as fh:
+        data = st.save({k: v.detach().contiguous().cpu() for k, v in group.items()})
+        with open(path, "wb") as fh:
+            fh.write(data)
+            fh.flush()
             os.fsync(fh.fileno())
-        files[path.name] = sha256_file(path)
+        files[path.name] = sha256_bytes(data)
     write_json_atomic(tmp / "state.json", {"step": step, "files": files, **state})
     final = root / name
     if final.exists():  # a previous attempt at this very step: replace it
@@ -127,24 +139,17 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dic
         state = json.loads(manifest.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{manifest} is corrupted: {err}") from err
+    st = require("safetensors.torch", "diffusion")
     tensors = {}
     for file_name, digest in state.get("files", {}).items():
         file = path / file_name
         if not file.exists():
             raise CheckpointError(f"checkpoint {path} is missing {file_name}")
-        if sha256_file(file) != digest:
+        data = file.read_bytes()
+        if sha256_bytes(data) != digest:
             raise CheckpointError(
                 f"checkpoint {path}: {file_name} does not match its recorded SHA-256 "
                 "(truncated or altered); refusing to load it"
             )
-        tensors[file_name.removesuffix(".safetensors")] = load_file(str(file))
+        tensors[file_name.removesuffix(".safetensors")] = st.load(data)
     return tensors, state
-
-
-def load_state_dict_strict(module: torch.nn.Module, tensors: dict[str, Tensor], what: str) -> None:
-    """``module.load_state_dict(strict=True)`` with a clear error on mismatched keys/shapes."""
-    try:
-        module.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise CheckpointError(f"{what} does not fit this model: {first}") from err

@@ -21,18 +21,22 @@ def _ints(text: str, name: str) -> list[int]:
         ) from None
 
 
-def resolve_model_path(ckpt: str) -> Path:
-    """A shipped model name (``mnist5k``) or a folder (run, checkpoint or exported model)."""
-    from kexue.diffusion.pretrained import ASSETS, available
+def load_model(ckpt: str):
+    """``--ckpt``: a shipped model name (``mnist5k``), a saved model folder, a training run folder
+    (its ``model/``; a run without one: the EMA of its latest checkpoint) or a checkpoint."""
+    from kexue.diffusion.train import ema_from_checkpoint
+    from kexue.diffusion.unet import RUN_MODEL_DIR, UNet
+    from kexue.exceptions import CheckpointError
 
-    if (ASSETS / ckpt / "ema.safetensors").exists():
-        return ASSETS / ckpt
     path = Path(ckpt)
-    if not path.exists():
-        raise typer.BadParameter(
-            f"{ckpt!r} is neither a folder nor a shipped model {available()}", param_hint="--ckpt"
-        )
-    return path
+    try:
+        if not (path / RUN_MODEL_DIR).is_dir() and (
+            (path / "checkpoints").is_dir() or (path / "state.json").is_file()
+        ):
+            return ema_from_checkpoint(path)
+        return UNet.from_pretrained(ckpt)
+    except (ValueError, CheckpointError) as err:
+        raise typer.BadParameter(str(err), param_hint="--ckpt") from None
 
 
 @app.command()
@@ -67,8 +71,8 @@ def train(
 
     Multi-GPU: ``accelerate launch -m kexue.cli diffusion train ...``.
     """
-    from kexue.diffusion.checkpoint import CheckpointError
-    from kexue.diffusion.train import TrainConfig, Trainer
+    from kexue.diffusion.train import DiffusionTrainConfig, Trainer
+    from kexue.exceptions import CheckpointError
 
     if resume:
         try:
@@ -86,7 +90,7 @@ def train(
             "T": T,
         }
         try:
-            config = TrainConfig(
+            config = DiffusionTrainConfig(
                 data=data, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                 ema_decay=ema_decay, grad_clip=grad_clip, seed=seed, ckpt_every=ckpt_every,
                 sample_every=sample_every, schedule={"kind": schedule, "T": T}, unet=unet,
@@ -117,26 +121,39 @@ def sample_command(
     n: Annotated[int, typer.Option(help="Number of images.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
     clip_x0: Annotated[float, typer.Option(help="Clamp x0 estimates (0 = off).")] = 0.0,
+    size: Annotated[
+        str, typer.Option(help="Image height,width (default: the model's training size).")
+    ] = "",
 ) -> None:
     """Sample a grid of images from a trained model."""
     import torch
 
     from kexue.diffusion.images import save_image_grid
     from kexue.diffusion.sampler import sample
-    from kexue.diffusion.train import load_model
 
     if variance not in ("eta", "small", "large"):
         raise typer.BadParameter("must be eta, small or large", param_hint="--variance")
     if n < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--n")
-    model, schedule = load_model(resolve_model_path(ckpt))
+    model = load_model(ckpt)
+    schedule = model.schedule
+    if schedule is None:
+        raise typer.BadParameter("this model was saved without its schedule", param_hint="--ckpt")
+    if size:
+        hw = _ints(size, "--size")
+        if len(hw) != 2 or min(hw) < 1:
+            raise typer.BadParameter("expected two positive integers H,W", param_hint="--size")
+    elif model.info.get("image_shape"):
+        hw = [int(v) for v in model.info["image_shape"][1:]]
+    else:
+        raise typer.BadParameter("the model does not record its image size", param_hint="--size")
     if not 2 <= steps <= schedule.T:
         raise typer.BadParameter(f"must be in 2..{schedule.T}", param_hint="--steps")
     if spacing not in ("even", "quadratic"):
         raise typer.BadParameter("must be even or quadratic", param_hint="--spacing")
     if eta < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--eta")
-    shape = (n, model.config.in_channels, *_image_size(resolve_model_path(ckpt)))
+    shape = (n, model.config.in_channels, *hw)
     images = sample(
         model,
         schedule,
@@ -152,34 +169,24 @@ def sample_command(
     typer.echo(f"wrote {n} samples to {out}")
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    import json
-
-    from kexue.diffusion.checkpoint import load_checkpoint
-
-    config_file = path / "config.json"
-    if config_file.exists():
-        shape = json.loads(config_file.read_text()).get("image_shape")
-    else:
-        shape = load_checkpoint(path)[1]["config"]["image_shape"]
-    return int(shape[1]), int(shape[2])
-
-
 @app.command()
 def export(
     run: Annotated[Path, typer.Option(help="Training run folder.")],
     to: Annotated[Path, typer.Option(help="Folder for ema.safetensors + config.json.")],
     command: Annotated[str, typer.Option(help="The command that produced the run.")] = "",
 ) -> None:
-    """Export a run's EMA weights and config as a small model folder."""
-    from kexue.diffusion.checkpoint import CheckpointError
-    from kexue.diffusion.train import export_model
+    """Export a run's (or a checkpoint's) EMA weights and schedule as a model folder
+    (save_pretrained format: load it with UNet.from_pretrained)."""
+    from kexue.diffusion.train import ema_from_checkpoint
+    from kexue.exceptions import CheckpointError
 
     try:
-        path = export_model(run, to, command)
+        model = ema_from_checkpoint(run)
     except CheckpointError as err:
         raise typer.BadParameter(str(err), param_hint="--run") from None
-    typer.echo(f"exported to {path}")
+    if command:
+        model.info["command"] = command
+    typer.echo(f"exported to {model.save_pretrained(to)}")
 
 
 @app.command("train-variance")
@@ -197,19 +204,22 @@ def train_variance(
     """Train a conditional variance head (SN-DPM or NPR-DPM) on a frozen mean model.
 
     The model's body is reused (UNet.features) and only a new output head is trained and saved
-    (head.safetensors + config.json). Load it with kexue.diffusion.load_variance_head.
+    (head.safetensors + config.json). Load it with kexue.diffusion.VarianceHead.from_pretrained.
     """
     from kexue.diffusion.conditional import train_variance_head
 
     if kind not in ("sn", "npr"):
         raise typer.BadParameter("must be sn or npr", param_hint="--kind")
+    model = load_model(ckpt)
     try:
         head = train_variance_head(
-            str(resolve_model_path(ckpt)) if Path(ckpt).exists() else ckpt, kind, data=data,
-            steps=steps, batch_size=batch_size, lr=lr, seed=seed, out=out, progress=progress,
+            model, kind, data=data, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+            progress=progress,
         )  # fmt: skip
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    head.info["base"] = ckpt if not Path(ckpt).exists() else str(Path(ckpt).resolve())
+    head.save_pretrained(out)
     tail = head.history[-max(1, steps // 10) :]
     typer.echo(
         f"trained a {kind.upper()} variance head for {steps} steps: final loss "
@@ -254,8 +264,8 @@ def nll_command(
     from kexue.diffusion.data import load_images
     from kexue.diffusion.likelihood import nll_bpd
     from kexue.diffusion.moments import DiffusionMoments, estimate_moments, model_fingerprint
-    from kexue.diffusion.train import load_model
     from kexue.diffusion.variance import optimal_trajectory, optimal_variance
+    from kexue.exceptions import CheckpointError
 
     if variance not in VARIANCES:
         raise typer.BadParameter(f"must be one of {', '.join(VARIANCES)}", param_hint="--variance")
@@ -263,7 +273,10 @@ def nll_command(
         raise typer.BadParameter("must be even, quadratic or optimal", param_hint="--trajectory")
     if n < 0 or moment_images < 2:
         raise typer.BadParameter("--n must be >= 0 and --moment-images >= 2")
-    model, schedule = load_model(resolve_model_path(ckpt))
+    model = load_model(ckpt)
+    schedule = model.schedule
+    if schedule is None:
+        raise typer.BadParameter("this model was saved without its schedule", param_hint="--ckpt")
     if not 2 <= steps <= schedule.T:
         raise typer.BadParameter(f"must be in 2..{schedule.T}", param_hint="--steps")
     try:
@@ -276,11 +289,11 @@ def nll_command(
     need_moments = variance.startswith("analytic") or trajectory == "optimal"
     stats = None
     if need_moments:
-        if moments is not None and (moments / "moments.json").exists():
+        if moments is not None and (moments / "config.json").exists():
             try:
-                stats = DiffusionMoments.load(moments)
+                stats = DiffusionMoments.from_pretrained(moments)
                 stats.check(schedule, held.shape)
-            except ValueError as err:
+            except (ValueError, CheckpointError) as err:
                 raise typer.BadParameter(str(err), param_hint="--moments") from None
             recorded = stats.info.get("model_sha256")
             if recorded and recorded != model_fingerprint(model):
@@ -292,11 +305,11 @@ def nll_command(
             if moments is None and trajectory != "optimal":
                 only = schedule.trajectory(steps, trajectory) if steps < schedule.T else None
             stats = estimate_moments(
-                model, schedule, images, num_images=moment_images, steps=only, generator=gen,
+                model, schedule, images, num_images=moment_images, timesteps=only, generator=gen,
                 progress=progress,
             )  # fmt: skip
             if moments is not None:
-                stats.save(moments)
+                stats.save_pretrained(moments)
     if steps == schedule.T:
         kept = list(range(1, schedule.T + 1))
     elif trajectory == "optimal":

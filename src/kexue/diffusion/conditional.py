@@ -1,9 +1,9 @@
 """Conditional (per-pixel, x_t-dependent) reverse variances: SN-DPM and NPR-DPM.
 
-Reference note, "Imperfect mean, per-dimension and conditional variances". Two-stage: the
-trained mean model ``eps_theta`` is frozen, its body (``UNet.features``) reused, and a new
-output head ``g(x_t, t)`` trained by regression (squared error summed over pixels, ``t``
-uniform on ``1..T``, ``x_t = abar_t x_0 + bbar_t eps``):
+``docs/guides/optimal-variance.md``, "Conditional variances: SN and NPR heads". Two-stage:
+the trained mean model ``eps_theta`` is frozen, its body (``UNet.features``) reused, and a new
+output head ``g(x_t, t)`` trained by regression (squared error summed over pixels, on the
+training loss's draws: ``t`` uniform on ``1..T``, ``x_t = abar_t x_0 + bbar_t eps``):
 
 - ``"npr"`` (NPR-DPM): ``g`` regresses ``(eps - eps_theta(x_t, t))^2``;
   ``sbar_t^2(x_t) = (bbar_t^2 / abar_t^2) g``.
@@ -14,28 +14,33 @@ The reverse variance of a jump ``t -> s`` is then ``sigma^2 + gamma^2 sbar_t^2(x
 (see :mod:`kexue.diffusion.variance`), clipped to the same bounds. A :class:`VarianceHead`
 is both the ``eps_model`` (it returns ``eps_theta``) and, through :meth:`reverse_variance`,
 the ``variance=`` callable of :func:`~kexue.diffusion.sample`; the body runs once per step.
+``head.save_pretrained(folder)`` writes only the head (with the base model's fingerprint);
+``VarianceHead.from_pretrained(folder)`` reloads it onto its base model.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kexue.diffusion.moments import model_fingerprint
-from kexue.diffusion.sampler import VarianceFn, check_eta, resolve_steps
-from kexue.diffusion.schedule import NoiseSchedule
-from kexue.diffusion.unet import UNet
+from kexue.diffusion.moments import check_data_range, model_fingerprint
+from kexue.diffusion.sampler import check_eta, resolve_steps
+from kexue.diffusion.schedule import NoiseSchedule, check_schedule
+from kexue.diffusion.unet import UNet, load_state_dict_strict
 from kexue.diffusion.variance import LAST_STEP, SECOND_TO_LAST_CAP, jump_coefficients
+from kexue.exceptions import CheckpointError
+from kexue.pretrained import PretrainedMixin
 from kexue.progress import progress_bar
+from kexue.validation import check_choice, check_int, check_real, check_tensor
 
 HEAD_KINDS = ("sn", "npr")
 
@@ -58,8 +63,8 @@ class VarianceHeadConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        check_real(self.lr, "lr", low=0.0, low_open=True)
+        check_int(self.seed, "seed")
 
 
 class _Head(nn.Module):
@@ -90,18 +95,72 @@ def _new_head(base: UNet) -> _Head:
     return _Head(width, 4 * cfg.channels, cfg.in_channels, cfg.groups)
 
 
-class VarianceHead(nn.Module):
-    """A frozen :class:`UNet` plus a trained head ``g(x_t, t)`` on its body's features.
+class HeadVariance:
+    """The ``variance(x_t, t, s, eps_theta)`` callable of :meth:`VarianceHead.reverse_variance`.
 
-    Calling it returns ``eps_theta(x_t, t)`` (the frozen mean model) and remembers the body's
-    features of that very input, so :meth:`g` and the variance callable reuse them.
+    It records the ``eta`` and trajectory (``steps``) it was built for: :func:`~kexue.diffusion.
+    sample` refuses to use it with another ``eta`` or trajectory.
     """
 
     def __init__(
         self,
+        head: VarianceHead,
+        steps: list[int],
+        eta: float,
+        clip: bool,
+        last_step: str,
+        cap_second_last: float | None,
+    ) -> None:
+        self.head, self.steps, self.eta = head, steps, eta
+        self.clip, self.last_step, self.cap_second_last = clip, last_step, cap_second_last
+        self.coefficients = jump_coefficients(head.schedule, steps, eta)
+        self.index = {t: i for i, t in enumerate(steps)}
+
+    def __call__(self, x_t: Tensor, t: int, s: int, eps_theta: Tensor) -> Tensor:
+        i = self.index.get(int(t))
+        kept = self.steps
+        if i is None or s != (kept[i - 1] if i > 0 else 0):
+            raise ValueError(
+                f"this variance was built for the trajectory {kept[:3]}...{kept[-3:]}; got the "
+                f"jump {t} -> {s}"
+            )
+        if i == 0 and self.last_step == "mean":
+            return torch.zeros((), dtype=x_t.dtype, device=x_t.device)
+        with torch.no_grad():
+            sbar2 = self.head.sbar2(x_t, int(t), eps_theta, clip=self.clip)
+        coef = self.coefficients
+        var = float(coef["sigma2"][i]) + float(coef["gamma"][i]) ** 2 * sbar2
+        if i == 1 and self.cap_second_last is not None:
+            var = var.clamp(max=self.cap_second_last)
+        return var
+
+    def __repr__(self) -> str:
+        return f"HeadVariance({self.head.kind}, K={len(self.steps)}, eta={self.eta:g})"
+
+
+class VarianceHead(PretrainedMixin, nn.Module):
+    """A frozen :class:`UNet` plus a trained head ``g(x_t, t)`` on its body's features.
+
+    Calling it returns ``eps_theta(x_t, t)`` (the frozen mean model) and remembers the body's
+    features of that very input, so :meth:`g` and the variance callable reuse them.
+
+    Args:
+        base: the frozen mean model.
+        schedule: its schedule (default: ``base.schedule``, which a loaded model carries;
+            another schedule is an error).
+        kind: ``"sn"`` or ``"npr"``.
+        data_range: the pixel range ``(a, b)`` (gives the bound ``((b - a)/2)^2``).
+    """
+
+    pretrained_kind: ClassVar[str] = "kexue.diffusion.VarianceHead"
+    pretrained_version: ClassVar[int] = 1
+    pretrained_extra: ClassVar[str] = "diffusion"
+
+    def __init__(
+        self,
         base: UNet,
-        schedule: NoiseSchedule,
-        kind: str,
+        schedule: NoiseSchedule | None = None,
+        kind: str = "sn",
         *,
         data_range: tuple[float, float] = (-1.0, 1.0),
     ) -> None:
@@ -110,6 +169,14 @@ class VarianceHead(nn.Module):
             raise TypeError(f"base must be a kexue UNet, got {type(base).__name__}")
         if kind not in HEAD_KINDS:
             raise ValueError(f"kind must be 'sn' or 'npr', got {kind!r}")
+        if schedule is None:
+            schedule = base.schedule
+            if schedule is None:
+                raise ValueError(
+                    "schedule is required: base carries no schedule (a model loaded with "
+                    "UNet.from_pretrained does)"
+                )
+        check_schedule(schedule, base)
         if schedule.T != base.config.T:
             raise ValueError(
                 f"schedule has T={schedule.T} but the model was built for {base.config.T}"
@@ -118,7 +185,8 @@ class VarianceHead(nn.Module):
         self.head = _new_head(base)
         self.schedule = schedule
         self.kind = kind
-        self.data_range = (float(data_range[0]), float(data_range[1]))
+        self.data_range = check_data_range(data_range)
+        self.info: dict[str, Any] = {}
         self._cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def train(self, mode: bool = True) -> VarianceHead:
@@ -137,6 +205,10 @@ class VarianceHead(nn.Module):
             h, temb = self.base.features(x, t), self.base.time_embedding(t)
         self._cache = (x, t, h, temb)
         return h, temb
+
+    def clear_cache(self) -> None:
+        """Forget the remembered features (they hold the last input alive)."""
+        self._cache = None
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """``eps_theta(x_t, t)`` of the frozen mean model."""
@@ -172,99 +244,75 @@ class VarianceHead(nn.Module):
         last_step: str = "mean",
         cap_second_last: float | None = SECOND_TO_LAST_CAP,
         spacing: str = "even",
-    ) -> VarianceFn:
+    ) -> HeadVariance:
         """The callable ``variance(x_t, t, s, eps_theta)`` for :func:`~kexue.diffusion.sample`
-        (with this head as ``eps_model``, the same ``steps`` and ``eta``):
-        ``sigma^2 + gamma^2 sbar_t^2(x_t)`` per pixel, with the last-step and
-        second-to-last-step rules of :func:`~kexue.diffusion.variance.optimal_variance`."""
+        (with this head as ``eps_model``): ``sigma^2 + gamma^2 sbar_t^2(x_t)`` per pixel, with
+        the last-step and second-to-last-step rules of
+        :func:`~kexue.diffusion.variance.optimal_variance`. Pass ``sample`` the same ``steps``
+        and ``eta`` (it checks both; note ``sample``'s default is ``eta=1``)."""
         if last_step not in LAST_STEP:
             raise ValueError(f"last_step must be one of {LAST_STEP}, got {last_step!r}")
         eta = check_eta(eta)
         kept = resolve_steps(self.schedule, steps, spacing)
-        coef = jump_coefficients(self.schedule, kept, float(eta))
-        index = {t: i for i, t in enumerate(kept)}
+        return HeadVariance(self, kept, eta, clip, last_step, cap_second_last)
 
-        def variance(x_t: Tensor, t: int, s: int, eps_theta: Tensor) -> Tensor:
-            i = index.get(int(t))
-            if i is None or s != (kept[i - 1] if i > 0 else 0):
-                raise ValueError(
-                    f"this variance was built for the trajectory {kept[:3]}...{kept[-3:]}; got the "
-                    f"jump {t} -> {s}"
-                )
-            if i == 0 and last_step == "mean":
-                return torch.zeros((), dtype=x_t.dtype, device=x_t.device)
-            with torch.no_grad():
-                sbar2 = self.sbar2(x_t, int(t), eps_theta, clip=clip)
-            var = float(coef["sigma2"][i]) + float(coef["gamma"][i]) ** 2 * sbar2
-            if i == 1 and cap_second_last is not None:
-                var = var.clamp(max=cap_second_last)
-            return var
-
-        return variance
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, config: dict[str, Any] | None = None) -> Path:
-        """Write only what was trained: ``head.safetensors`` + ``config.json`` (with the base
-        model's SHA-256, so loading onto another base model is refused)."""
-        from safetensors.torch import save_file
-
-        from kexue.io import atomic_write, write_json_atomic
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
-        atomic_write(path / "head.safetensors", lambda tmp: save_file(state, tmp))
-        meta = {
-            "format": "kexue.diffusion.variance_head/1",
+    # ------------------------------------------------------------------ save / load
+    def pretrained_state(self) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+        """Only what was trained (the head), with the base model's SHA-256 and where it came
+        from (``info["base"]``), so loading onto another base model is refused."""
+        config = {
             "kind": self.kind,
             "base_sha256": model_fingerprint(self.base),
             "base_unet": self.base.config.to_dict(),
-            "schedule": self.schedule.config,
+            "schedule": dict(self.schedule.config),
             "data_range": list(self.data_range),
-            **(config or {}),
+            "info": self.info,
         }
-        write_json_atomic(path / "config.json", meta)
-        return path
+        return config, {"head": self.head.state_dict()}
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, base: UNet | None = None
+    ) -> VarianceHead:
+        """Load a head saved by :meth:`save_pretrained` onto ``base`` (default: the model it
+        was trained on, ``info["base"]``: a shipped name or a folder). A base with other
+        weights is a ``ValueError``."""
+        return super().from_pretrained(name_or_path, base=base)
+
+    @classmethod
+    def from_pretrained_state(
+        cls,
+        config: dict[str, Any],
+        tensors: dict[str, dict[str, Tensor]],
+        *,
+        base: UNet | None = None,
+        **kwargs: Any,
+    ) -> VarianceHead:
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        if "head" not in tensors:
+            raise CheckpointError("a saved VarianceHead needs head.safetensors")
+        info = config.get("info", {})
+        if base is None:
+            ref = info.get("base")
+            if not isinstance(ref, str) or ref == IN_MEMORY:
+                raise ValueError("this head was trained on a model in memory: pass it as base=...")
+            base = UNet.from_pretrained(ref)
+        elif not isinstance(base, UNet):
+            raise TypeError(f"base must be a kexue UNet, got {type(base).__name__}")
+        if model_fingerprint(base) != config["base_sha256"]:
+            raise ValueError(
+                f"this variance head was trained on another mean model (SHA-256 "
+                f"{config['base_sha256'][:12]}...); load it onto that model"
+            )
+        schedule = base.schedule or NoiseSchedule.from_config(config["schedule"])
+        head = cls(base, schedule, config["kind"], data_range=tuple(config["data_range"]))
+        load_state_dict_strict(head.head, tensors["head"], "the saved variance head")
+        head.info = dict(info)
+        return head.eval()
 
 
-def load_variance_head(path: str | Path, base: UNet | None = None,
-                       schedule: NoiseSchedule | None = None) -> VarianceHead:  # fmt: skip
-    """Load a head saved by :meth:`VarianceHead.save` onto ``base`` (default: the model recorded
-    at training, ``config.json["base"]``); a base with other weights is a ``ValueError``."""
-    from safetensors.torch import load_file
-
-    from kexue.diffusion.checkpoint import load_state_dict_strict
-
-    path = Path(path)
-    if not (path / "config.json").exists() or not (path / "head.safetensors").exists():
-        raise ValueError(f"{path} holds no variance head (config.json + head.safetensors)")
-    meta = json.loads((path / "config.json").read_text())
-    if base is None:
-        from kexue.diffusion.train import load_model
-
-        base, loaded = load_model(_base_path(meta.get("base", "")))
-        schedule = schedule or loaded
-    if schedule is None:
-        schedule = NoiseSchedule.from_config(meta["schedule"])
-    if model_fingerprint(base) != meta["base_sha256"]:
-        raise ValueError(
-            f"the variance head in {path} was trained on another mean model (SHA-256 "
-            f"{meta['base_sha256'][:12]}...); load it onto that model"
-        )
-    head = VarianceHead(base, schedule, meta["kind"], data_range=tuple(meta["data_range"]))
-    load_state_dict_strict(head.head, load_file(str(path / "head.safetensors")), "variance head")
-    return head.eval()
-
-
-def _base_path(ckpt: str | Path) -> Path:
-    from kexue.diffusion.pretrained import ASSETS
-
-    if (ASSETS / str(ckpt) / "ema.safetensors").exists():
-        return ASSETS / str(ckpt)
-    path = Path(ckpt)
-    if not path.exists():
-        raise ValueError(f"eps_model_ckpt {str(ckpt)!r} is neither a shipped model nor a folder")
-    return path
+IN_MEMORY = "in-memory UNet"
 
 
 def _training_images(data: Any) -> Tensor:
@@ -275,24 +323,20 @@ def _training_images(data: Any) -> Tensor:
     if hasattr(data, "train") and isinstance(data.train, Tensor):
         return data.train
     if isinstance(data, Tensor) and data.ndim == 4 and len(data) >= 1:
-        return data
+        return check_tensor(data, "data", floating=True)
     raise TypeError(
         "data must be a data spec ('mnist5k', ...), an ImageData or (N, C, H, W) images"
     )
 
 
-def variance_head_loss(head: VarianceHead, x0: Tensor, generator: torch.Generator | None = None):
+def variance_head_loss(
+    head: VarianceHead, x0: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """One Monte Carlo estimate of the regression loss ``||g(x_t, t) - target||^2`` (summed
     over pixels, mean over the batch): target ``eps^2`` (SN) or ``(eps - eps_theta)^2``
-    (NPR), ``t ~ Uniform{1..T}``."""
-    schedule = head.schedule
-    t = torch.randint(1, schedule.T + 1, (len(x0),), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    t, eps = t.to(x0.device), eps.to(x0.device, x0.dtype)
-    view = (-1,) + (1,) * (x0.ndim - 1)
-    a = schedule.abar.to(x0.device, x0.dtype)[t].view(view)
-    b = schedule.bbar.to(x0.device, x0.dtype)[t].view(view)
-    x_t = a * x0 + b * eps
+    (NPR), on one draw of the training loss's :meth:`NoiseSchedule.noise_batch`. Returns
+    ``(loss, target)``."""
+    t, eps, x_t = head.schedule.noise_batch(x0, generator=generator)
     eps_theta = head(x_t, t)
     target = eps**2 if head.kind == "sn" else (eps - eps_theta) ** 2
     return (head.g(x_t, t) - target).pow(2).flatten(1).sum(1).mean(), target
@@ -315,34 +359,34 @@ def train_variance_head(
     """Train an SN or NPR variance head on a frozen mean model (two-stage; see the module).
 
     Args:
-        eps_model_ckpt: a shipped model name (``"mnist5k"``), a run / checkpoint / exported
-            model folder, or a :class:`UNet` (then ``schedule`` is required).
+        eps_model_ckpt: a shipped model name (``"mnist5k"``), a folder written by
+            ``save_pretrained`` or a training run folder (anything ``UNet.from_pretrained``
+            loads), or a :class:`UNet` (``schedule`` defaults to its ``schedule``).
         kind: ``"sn"`` or ``"npr"``.
         data: training images: a data spec for ``load_images``, an ``ImageData`` or a tensor.
         steps, batch_size, lr, seed: AdamW steps on the head only; all randomness from ``seed``.
-        out: folder to save the head (``head.safetensors`` + ``config.json``), or None.
+        schedule: the base model's schedule (default: the one it carries).
+        out: folder to save the head to (``save_pretrained``), or None.
+        progress: show a progress bar.
+        device: where to train (default: the base model's device).
 
     Returns:
         The trained :class:`VarianceHead` (in eval mode); ``head.history`` holds the losses.
     """
+    check_choice(kind, "kind", HEAD_KINDS)
     spec = data if isinstance(data, str) else "custom"
     config = VarianceHeadConfig(kind=kind, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 data=spec)  # fmt: skip
     if isinstance(eps_model_ckpt, UNet):
-        if schedule is None:
-            raise ValueError("schedule is required when eps_model_ckpt is a UNet instance")
-        base, base_ref = eps_model_ckpt, "in-memory UNet"
-    elif isinstance(eps_model_ckpt, str | Path):
-        from kexue.diffusion.train import load_model
-
-        path = _base_path(eps_model_ckpt)
-        base, loaded = load_model(path)
-        schedule = schedule or loaded
-        base_ref = str(eps_model_ckpt)
+        base, base_ref = eps_model_ckpt, IN_MEMORY
+    elif isinstance(eps_model_ckpt, str | os.PathLike):
+        base, base_ref = UNet.from_pretrained(eps_model_ckpt), os.fspath(eps_model_ckpt)
     else:
         raise TypeError(
             f"eps_model_ckpt must be a model name, a folder or a UNet, got {type(eps_model_ckpt)}"
         )
+    if schedule is None and base.schedule is None:
+        raise ValueError("schedule is required when eps_model_ckpt is a UNet without a schedule")
     images = _training_images(data)
     if tuple(images.shape[1:2]) != (base.config.in_channels,):
         raise ValueError(
@@ -377,10 +421,11 @@ def train_variance_head(
     seconds = time.perf_counter() - start
     head.eval()
     head.history = history
-    head._cache = None
+    head.clear_cache()
+    tail = history[-max(1, steps // 10) :]
+    head.info = {"base": base_ref, "train": asdict(config), "final_loss": sum(tail) / len(tail),
+                 "seconds": seconds,
+                 "images_per_s": steps * batch_size / max(seconds, 1e-9)}  # fmt: skip
     if out is not None:
-        tail = history[-max(1, steps // 10) :]
-        head.save(out, {"base": base_ref, "train": asdict(config),
-                        "final_loss": sum(tail) / len(tail), "seconds": seconds,
-                        "images_per_s": steps * batch_size / max(seconds, 1e-9)})  # fmt: skip
+        head.save_pretrained(out)
     return head

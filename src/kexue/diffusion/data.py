@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from kexue.datasets import digits8x8, held_out_split, mnist5k_split
+from kexue.extras import require
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -38,6 +39,8 @@ def to_signed(images01: Tensor) -> Tensor:
 def load_images(spec: str) -> ImageData:
     """``"mnist5k"`` (4,000 train / 1,000 held-out, fixed split), ``"digits8x8"``
     (scikit-learn, 1,500 / 297) or ``"folder:PATH"`` (every image file in PATH, 10% held out)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"spec must be a string ('mnist5k', ...), got {type(spec).__name__}")
     if spec == "mnist5k":
         split = mnist5k_split()
         (xt, yt), (xh, yh) = split["train"], split["heldout"]
@@ -54,7 +57,7 @@ def load_images(spec: str) -> ImageData:
 
 
 def _folder(path: Path) -> ImageData:
-    from PIL import Image
+    Image = require("PIL.Image", "diffusion", "reading image folders")
 
     if not path.is_dir():
         raise ValueError(f"folder:{path} is not a folder")

@@ -15,19 +15,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ASSET = Path(__file__).parent / "assets" / "classifier"
+from kexue.diffusion.unet import load_state_dict_strict
+from kexue.exceptions import CheckpointError
+from kexue.pretrained import PretrainedMixin
+from kexue.progress import progress_bar
+from kexue.validation import check_int, check_tensor
+
+CLASSIFIER_ASSETS = Path(__file__).parent / "assets" / "classifiers"
 
 
-class DigitClassifier(nn.Module):
-    """conv(32)-pool-conv(64)-pool-fc(128)-fc(10) on 28x28 images in [-1, 1]."""
+class DigitClassifier(PretrainedMixin, nn.Module):
+    """conv(32)-pool-conv(64)-pool-fc(128)-fc(10) on 28x28 images in [-1, 1].
 
-    def __init__(self) -> None:
+    ``DigitClassifier.from_pretrained("mnist5k")`` is the shipped one (trained by
+    :func:`train_digit_classifier` on mnist5k's 4,000 training digits); ``info`` records how.
+    """
+
+    pretrained_kind: ClassVar[str] = "kexue.diffusion.DigitClassifier"
+    pretrained_version: ClassVar[int] = 1
+    pretrained_extra: ClassVar[str] = "diffusion"
+    pretrained_assets: ClassVar[Path | None] = CLASSIFIER_ASSETS
+
+    def __init__(self, *, info: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.info: dict[str, Any] = dict(info or {})
         self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
         self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
         self.fc = nn.Linear(64 * 7 * 7, 128)
@@ -41,11 +58,48 @@ class DigitClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.features(x))
 
+    def pretrained_state(self) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+        return {"info": self.info}, {"model": self.state_dict()}
 
-def train_classifier(
-    images: Tensor, labels: Tensor, *, epochs: int = 8, seed: int = 0, batch_size: int = 64
+    @classmethod
+    def from_pretrained_state(
+        cls, config: dict[str, Any], tensors: dict[str, dict[str, Tensor]], **kwargs: Any
+    ) -> DigitClassifier:
+        if kwargs:
+            raise TypeError(f"DigitClassifier.from_pretrained takes no options: {sorted(kwargs)}")
+        if "model" not in tensors:
+            raise CheckpointError("a saved DigitClassifier needs model.safetensors")
+        model = cls(info=config.get("info", {}))
+        load_state_dict_strict(model, tensors["model"], "the saved classifier weights")
+        return model.eval().requires_grad_(False)
+
+
+def train_digit_classifier(
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int = 8,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
 ) -> DigitClassifier:
-    """Train the classifier (AdamW, light random shifts); deterministic for a given seed."""
+    """Train a :class:`DigitClassifier` on ``images`` ``(N, 1, 28, 28)`` in [-1, 1] with int
+    ``labels`` in ``0..9`` (AdamW, one-cycle learning rate, light random shifts);
+    deterministic for a given ``seed``."""
+    images = check_tensor(images, "images", floating=True, ndim=4)
+    labels = check_tensor(labels, "labels", ndim=1)
+    if tuple(images.shape[1:]) != (1, 28, 28):
+        raise ValueError(f"images must have shape (N, 1, 28, 28), got {tuple(images.shape)}")
+    if labels.is_floating_point() or len(labels) != len(images):
+        raise ValueError(
+            f"labels must be {len(images)} integer class indices, got {labels.dtype} of "
+            f"shape {tuple(labels.shape)}"
+        )
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        raise ValueError("labels must lie in 0..9 (num classes = 10)")
+    epochs = check_int(epochs, "epochs", low=1)
+    batch_size = check_int(batch_size, "batch_size", low=1, high=len(images))
+    seed = check_int(seed, "seed")
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -55,43 +109,28 @@ def train_classifier(
     steps = epochs * (n // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size]
-            x = images[idx]
-            shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
-            x = torch.roll(x, shifts=shift, dims=(2, 3))
-            loss = F.cross_entropy(model(x), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("training the digit classifier", total=steps)
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n - batch_size + 1, batch_size):
+                idx = order[start : start + batch_size]
+                x = images[idx]
+                shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
+                x = torch.roll(x, shifts=shift, dims=(2, 3))
+                loss = F.cross_entropy(model(x), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.advance(task)
     return model.eval().requires_grad_(False)
 
 
-def save_classifier(model: DigitClassifier, folder: str | Path, info: dict) -> None:
-    from safetensors.torch import save_file
-
-    from kexue.io import atomic_write, write_json_atomic
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    atomic_write(folder / "classifier.safetensors", lambda tmp: save_file(state, tmp))
-    write_json_atomic(folder / "config.json", info)
-
-
-def load_classifier(folder: str | Path = ASSET) -> DigitClassifier:
-    """The shipped classifier (trained once by ``train_classifier`` on mnist5k's train split)."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / "classifier.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"no classifier at {path}; build it with train_classifier()")
-    model = DigitClassifier()
-    model.load_state_dict(load_file(str(path)))
-    return model.eval().requires_grad_(False)
+def classifier_accuracy(model: DigitClassifier, images: Tensor, labels: Tensor) -> float:
+    """Share of ``images`` whose most probable class is ``labels``."""
+    _, probs = classify(model, images)
+    return float((probs.argmax(1) == labels.to(probs.device)).double().mean())
 
 
 @torch.no_grad()
@@ -164,7 +203,7 @@ class DigitEvaluator:
     def __init__(self, reference: Tensor | None = None, classifier: DigitClassifier | None = None):
         from kexue.diffusion.data import load_images
 
-        self.classifier = classifier or load_classifier()
+        self.classifier = classifier or DigitClassifier.from_pretrained("mnist5k")
         if reference is None:
             reference = load_images("mnist5k").heldout
         self.reference_features, _ = classify(self.classifier, reference)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kexue.extras import require
 from kexue.io import atomic_write
 
 
@@ -28,7 +29,7 @@ def image_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndar
 
 def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 2):
     """Write a PNG grid of ``images`` (upscaled ``scale`` times), atomically."""
-    from PIL import Image
+    Image = require("PIL.Image", "diffusion", "saving image grids")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Negative ELBO in bits/dim on 8-bit data, for any trajectory and any reverse variance.
 
-Reference note, "Evaluation we can run offline". For kept steps ``tau_1 < ... < tau_K`` and the
-eta-family forward posterior ``q(x_s | x_t, x_0) = N(abar_s x_0 + c eps, sigma^2 I)``
-(``c = sqrt(bbar_s^2 - sigma^2)``, ``eps = (x_t - abar_t x_0)/bbar_t``; ``eta = 1``: DDPM's
+``docs/guides/optimal-variance.md``, "The NLL bound in bits/dim". For kept steps
+``tau_1 < ... < tau_K`` and the eta-family forward posterior
+``q(x_s | x_t, x_0) = N(abar_s x_0 + c eps, sigma^2 I)`` (``c = sqrt(bbar_s^2 - sigma^2)``,
+``eps = (x_t - abar_t x_0)/bbar_t``; ``eta = 1``: DDPM's
 forward process restricted to the trajectory), the bound on ``-log p(x_0)`` is
 
     KL(q(x_{tau_K} | x_0) || N(0, I))                                  prior
@@ -25,11 +26,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kexue.diffusion.moments import model_placement
-from kexue.diffusion.sampler import _check_model_output, _check_variance_tensor, resolve_steps
-from kexue.diffusion.schedule import NoiseSchedule
+from kexue.diffusion.moments import check_data_range, check_images, model_placement
+from kexue.diffusion.sampler import check_step_variance, resolve_steps
+from kexue.diffusion.schedule import NoiseSchedule, check_schedule
 from kexue.diffusion.variance import fixed_variance, jump_coefficients
 from kexue.progress import progress_bar
+from kexue.validation import (
+    check_callable,
+    check_generator,
+    check_int,
+    check_model_output,
+    check_real,
+)
 
 VarianceSpec = str | Tensor | Callable[[Tensor, int, int, Tensor], Tensor | float]
 
@@ -82,18 +90,12 @@ def discretized_gaussian_log_likelihood(
     return log_hi + torch.log(-torch.expm1(log_lo - log_hi))
 
 
-def _as_images(data) -> Tensor:
-    if hasattr(data, "heldout") and isinstance(data.heldout, Tensor):  # an ImageData
-        data = data.heldout
-    return data
-
-
 def _check_data(data: Tensor, bins: int, data_range: tuple[float, float]) -> Tensor:
-    if not isinstance(data, Tensor) or data.ndim < 2 or len(data) < 1:
-        raise TypeError("data must be a tensor of images (N, C, H, W) or an ImageData")
     a, b = data_range
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise ValueError(f"data_range must be finite for 8-bit data, got {data_range!r}")
     x = data.double()
-    if not torch.isfinite(x).all() or x.min() < a - 1e-6 or x.max() > b + 1e-6:
+    if x.min() < a - 1e-6 or x.max() > b + 1e-6:
         raise ValueError(f"data must be finite and lie in {data_range}")
     levels = (x - a) / (b - a) * (bins - 1)
     if (levels - levels.round()).abs().max() > 1e-3:
@@ -112,7 +114,7 @@ def _variance_table(
             raise ValueError(f"a variance name must be 'small' or 'large', got {spec!r}")
         return fixed_variance(schedule, kept, spec, last_step="decoder", cap_second_last=None)
     if isinstance(spec, Tensor):
-        var = _check_variance_tensor(spec.double(), len(kept), tuple(shape))
+        var = check_step_variance(spec, len(kept), tuple(shape)).double()
         if (var[0] <= 0).any():
             raise ValueError(
                 "variance[0], the decoder's variance for the last jump, must be positive; build "
@@ -172,24 +174,34 @@ def nll_bpd(
             then scored on the same draws of ``x_t`` (paired) and a dict of results returned.
         eta: the forward process's eta in ``(0, 1]`` (1 = DDPM). ``eta = 0`` (DDIM) has a
             deterministic posterior, for which the bound is infinite.
+        spacing: ``"even"`` or ``"quadratic"`` when ``steps`` is an int.
+        batch_size: images per model call.
+        bins: pixel levels (>= 2; 256 for 8-bit data), spread evenly over ``data_range``.
+        data_range: ``(a, b)``, the finite range the images are scaled to.
         generator: source of the ``x_t`` draws: per batch of images, one float64
             ``eps ~ N(0, I)`` of the batch's shape per jump, from the top kept step down.
+        progress: show a progress bar.
+        device: where to run the model (default: its parameters' device).
 
     Returns:
         :class:`NLLResult` (or a dict of them). Cost: ``N * K`` model evaluations.
+
+    Raises:
+        NonFiniteError: the model returned NaN or inf (the message names the step).
     """
-    if not callable(eps_model):
-        raise TypeError("eps_model must be callable as eps_model(x_t, t)")
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 < eta <= 1:
+    check_callable(eps_model, "eps_model", "eps_model(x_t, t)")
+    check_schedule(schedule, eps_model)
+    eta = check_real(eta, "eta")
+    if not 0 < eta <= 1:
         raise ValueError(
             f"eta must be in (0, 1], got {eta!r} (eta = 0 makes q(x_s | x_t, x_0) a point mass "
             "and the bound infinite)"
         )
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    data = _as_images(data)
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    bins = check_int(bins, "bins", low=2)
+    data_range = check_data_range(data_range)
+    generator = check_generator(generator)
+    data = check_images(data, split="heldout")
     x0_all = _check_data(data, bins, data_range)
     shape = tuple(x0_all.shape[1:])
     kept = resolve_steps(schedule, steps, spacing)
@@ -217,10 +229,10 @@ def nll_bpd(
                 t = kept[i]
                 s = kept[i - 1] if i > 0 else 0
                 eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-                x_t = abar[t] * x0 + bbar[t] * eps
+                x_t = schedule.add_noise(x0, eps, t)
                 t_batch = torch.full((len(x0),), t, dtype=torch.long, device=device)
                 x_in = x_t.to(device=device, dtype=model_dtype)
-                out = _check_model_output(eps_model(x_in, t_batch), x_in)
+                out = check_model_output(eps_model(x_in, t_batch), x_in, step=t)
                 eps_theta = out.detach().to("cpu", torch.float64)
                 x0_hat = (x_t - bbar[t] * eps_theta) / abar[t]
                 if i > 0:

@@ -1,7 +1,7 @@
 """Monte Carlo moments of an eps-model over training data: what the optimal variances need.
 
-Reference note, "Optimal reverse variance" and "Imperfect mean". For every step ``t`` and a set
-of training images ``x_0`` (one noise draw ``eps`` per image and step,
+``docs/guides/optimal-variance.md``, "The moments" and "Imperfect mean". For every step ``t``
+and a set of training images ``x_0`` (one noise draw ``eps`` per image and step,
 ``x_t = abar_t x_0 + bbar_t eps``, ``x0_hat = (x_t - bbar_t eps_theta(x_t, t)) / abar_t``) we
 keep the means over images of
 
@@ -16,21 +16,29 @@ These are estimated once, for all ``T`` steps, and reused for every ``K`` and tr
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kexue.diffusion.sampler import _check_model_output
-from kexue.diffusion.schedule import NoiseSchedule
+from kexue.diffusion.sampler import model_parameter
+from kexue.diffusion.schedule import NoiseSchedule, check_schedule
+from kexue.exceptions import CheckpointError
+from kexue.pretrained import PretrainedMixin
 from kexue.progress import progress_bar
+from kexue.validation import (
+    check_callable,
+    check_generator,
+    check_int,
+    check_model_output,
+    check_real,
+    check_tensor,
+)
 
-FORMAT = "kexue.diffusion.moments/1"
 # The scalar estimators of sbar_t^2 whose standard error is known from the stored squares.
 FORMS = ("gamma", "moment", "mle")
 
@@ -46,8 +54,11 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 @dataclass(frozen=True, eq=False)
-class DiffusionMoments:
+class DiffusionMoments(PretrainedMixin):
     """Per-step moments of an eps-model, row ``t - 1`` holding step ``t`` (``t = 1..T``).
+
+    Save and load with ``save_pretrained(folder)`` / ``DiffusionMoments.from_pretrained(
+    folder)`` (safetensors + ``config.json``; a corrupted file is refused).
 
     Scalars have shape ``(T,)``, per-dimension fields ``(T, C, H, W)``, float64. Rows of steps
     that were not estimated are NaN. ``*_sq`` fields are means of the squared per-image values
@@ -72,6 +83,10 @@ class DiffusionMoments:
     schedule_config: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     per_image: dict[str, Tensor] | None = None
+
+    pretrained_kind: ClassVar[str] = "kexue.diffusion.DiffusionMoments"
+    pretrained_version: ClassVar[int] = 1
+    pretrained_extra: ClassVar[str] = "diffusion"
 
     @property
     def T(self) -> int:
@@ -121,8 +136,8 @@ class DiffusionMoments:
         return (1 - abar**2) / abar**2
 
     def upper_bound(self) -> Tensor:
-        """The note's bounds on ``sbar_t^2``: ``min(bbar_t^2 / abar_t^2, ((b - a) / 2)^2)``
-        for data in ``[a, b]`` (shape ``(T,)``)."""
+        """The upper bound on ``sbar_t^2``, ``min(bbar_t^2 / abar_t^2, ((b - a) / 2)^2)`` for
+        data in ``[a, b]`` (shape ``(T,)``; ``docs/guides/optimal-variance.md``, "Bounds")."""
         a, b = self.data_range
         return torch.clamp(self.ratio(), max=((b - a) / 2) ** 2)
 
@@ -213,22 +228,11 @@ class DiffusionMoments:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
-        """Write ``path/moments.safetensors`` (tensors) and ``path/moments.json`` (metadata and
-        the tensors' SHA-256), each through a temporary file and ``os.replace``."""
-        from safetensors.torch import save_file
-
-        from kexue.io import atomic_write, sha256_file, write_json_atomic
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
+    def pretrained_state(self) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+        tensors = {name: getattr(self, name) for name in _TENSORS}
         for key, value in (self.per_image or {}).items():
-            tensors[f"per_image.{key}"] = value.contiguous()
-        atomic_write(path / "moments.safetensors", lambda tmp: save_file(tensors, tmp))
-        meta = {
-            "format": FORMAT,
-            "sha256": sha256_file(path / "moments.safetensors"),
+            tensors[f"per_image.{key}"] = value
+        config = {
             "data_var": self.data_var,
             "num_images": self.num_images,
             "image_shape": list(self.image_shape),
@@ -236,45 +240,29 @@ class DiffusionMoments:
             "schedule": self.schedule_config,
             "info": self.info,
         }
-        write_json_atomic(path / "moments.json", meta)
-        return path
+        return config, {"moments": tensors}
 
     @classmethod
-    def load(cls, path: str | Path) -> DiffusionMoments:
-        """Read moments written by :meth:`save` (safetensors + JSON; never unpickles)."""
-        from safetensors.torch import load_file
-
-        from kexue.io import sha256_file
-
-        path = Path(path)
-        meta_file, tensor_file = path / "moments.json", path / "moments.safetensors"
-        if not meta_file.exists() or not tensor_file.exists():
-            raise ValueError(f"{path} holds no saved moments (moments.json + moments.safetensors)")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{meta_file} is corrupted: {err}") from err
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_file} is not a {FORMAT} file (format={meta.get('format')!r})")
-        if sha256_file(tensor_file) != meta.get("sha256"):
-            raise ValueError(
-                f"{tensor_file} does not match the SHA-256 recorded in moments.json "
-                "(truncated, altered or from another save); refusing to load it"
-            )
-        tensors = load_file(str(tensor_file))
+    def from_pretrained_state(
+        cls, config: dict[str, Any], tensors: dict[str, dict[str, Tensor]], **kwargs: Any
+    ) -> DiffusionMoments:
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        stored = tensors.get("moments", {})
+        missing = [name for name in _TENSORS if name not in stored]
+        if missing:
+            raise CheckpointError(f"saved moments lack the tensors {missing}")
         per_image = {
-            k.removeprefix("per_image."): v
-            for k, v in tensors.items()
-            if k.startswith("per_image.")
+            k.removeprefix("per_image."): v for k, v in stored.items() if k.startswith("per_image.")
         }
         return cls(
-            **{name: tensors[name] for name in _TENSORS},
-            data_var=float(meta["data_var"]),
-            num_images=int(meta["num_images"]),
-            image_shape=tuple(meta["image_shape"]),
-            data_range=tuple(meta["data_range"]),
-            schedule_config=meta["schedule"],
-            info=meta.get("info", {}),
+            **{name: stored[name] for name in _TENSORS},
+            data_var=float(config["data_var"]),
+            num_images=int(config["num_images"]),
+            image_shape=tuple(config["image_shape"]),
+            data_range=tuple(float(v) for v in config["data_range"]),
+            schedule_config=config["schedule"],
+            info=config.get("info", {}),
             per_image=per_image or None,
         )
 
@@ -296,25 +284,55 @@ def model_placement(
 ) -> tuple[torch.device | str | None, torch.dtype]:
     """Where and in which dtype to call ``eps_model``: a module's parameters decide; a plain
     callable gets the data's floating dtype (float64 test models stay float64)."""
-    if isinstance(eps_model, nn.Module):
-        first = next(eps_model.parameters(), None)
-        if first is not None:
-            return (first.device if device is None else device), first.dtype
+    param = model_parameter(eps_model)
+    if param is not None:
+        return (param.device if device is None else device), param.dtype
     return device, data_dtype if data_dtype.is_floating_point else torch.float32
 
 
-def _images(data: Any) -> Tensor:
-    if hasattr(data, "train") and isinstance(data.train, Tensor):  # an ImageData
-        data = data.train
-    if not isinstance(data, Tensor):
-        raise TypeError(f"data must be a tensor (N, C, H, W) or an ImageData, got {type(data)}")
-    if data.ndim < 2 or len(data) < 2:
-        raise ValueError(
-            f"data must hold at least 2 images (N, ...), got shape {tuple(data.shape)}"
-        )
-    if not torch.isfinite(data).all():
-        raise ValueError("data must be finite")
+def check_images(data: object, name: str = "data", *, split: str = "train") -> Tensor:
+    """Images ``(N, ...)`` as a tensor: a tensor, or an ``ImageData`` (its ``split``); at least
+    one image, finite. ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    held = getattr(data, split, None)
+    if isinstance(held, Tensor) and not isinstance(data, Tensor):  # an ImageData
+        data = held
+    data = check_tensor(data, name, min_ndim=2)
+    if data.dtype == torch.bool or data.is_complex():
+        raise TypeError(f"{name} must hold real pixel values, got dtype {data.dtype}")
+    if len(data) < 1:
+        raise ValueError(f"{name} must hold at least one image, got shape {tuple(data.shape)}")
+    if data.is_floating_point() and not bool(torch.isfinite(data).all()):
+        raise ValueError(f"{name} must be finite (it holds NaN or infinite values)")
     return data
+
+
+def check_data_range(data_range: object) -> tuple[float, float]:
+    """``(a, b)`` with ``a < b`` (infinite ends allowed: unbounded data)."""
+    if not isinstance(data_range, tuple | list) or len(data_range) != 2:
+        raise TypeError(f"data_range must be a pair (a, b), got {data_range!r}")
+    lo = check_real(data_range[0], "data_range[0]", finite=False)
+    hi = check_real(data_range[1], "data_range[1]", finite=False)
+    if not hi > lo:
+        raise ValueError(f"data_range must be (a, b) with a < b, got {tuple(data_range)!r}")
+    return lo, hi
+
+
+def check_in_range(x: Tensor, data_range: tuple[float, float], name: str = "data") -> None:
+    """``ValueError`` naming ``name`` and ``data_range`` unless every value of ``x`` lies in
+    ``data_range`` (to 1e-6): e.g. 0..255 pixels given with ``data_range=(-1, 1)``."""
+    lo, hi = data_range
+    low, high = float(x.min()), float(x.max())
+    if low < lo - 1e-6 or high > hi + 1e-6:
+        raise ValueError(
+            f"{name} must lie in data_range={tuple(data_range)}, got values in [{low:g}, "
+            f"{high:g}]: scale the images first (e.g. x / 127.5 - 1 for 0..255 pixels) or pass "
+            "their real data_range"
+        )
+
+
+def _steps_label(t: Tensor) -> str | int:
+    lo, hi = int(t.min()), int(t.max())
+    return lo if lo == hi else f"{lo}..{hi}"
 
 
 @torch.no_grad()
@@ -325,47 +343,59 @@ def estimate_moments(
     *,
     num_images: int | None = 200,
     batch_size: int = 256,
-    steps: Sequence[int] | None = None,
+    timesteps: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     data_range: tuple[float, float] = (-1.0, 1.0),
     keep_per_image: bool = False,
     progress: bool = True,
     device: torch.device | str | None = None,
 ) -> DiffusionMoments:
-    """Estimate the moments of ``eps_model`` over ``data`` at every step (reference note,
-    "Optimal reverse variance": ``Gamma_t = E||eps_theta(x_t, t)||^2 / d`` and estimator 1;
-    "Imperfect mean": ``E||eps - eps_theta||^2 / d``, also per dimension).
+    """Estimate the moments of ``eps_model`` over ``data`` at every step
+    (``docs/guides/optimal-variance.md``, "The moments": ``Gamma_t = E||eps_theta(x_t, t)||^2
+    / d``, the moment form and, "Imperfect mean", ``E||eps - eps_theta||^2 / d``, also per
+    dimension).
 
     Args:
         eps_model: any callable ``eps_model(x_t, t) -> eps`` (``t``: long tensor ``(B,)``).
         schedule: the model's :class:`NoiseSchedule`.
         data: training images ``(N, C, H, W)`` in ``data_range`` (or an ``ImageData``: its
-            ``train`` split).
+            ``train`` split); values outside ``data_range`` are an error.
         num_images: images used (a random subset drawn with ``generator``; None = all); each
             gets one noise draw per step. Tens to hundreds suffice at most steps; see
             :meth:`DiffusionMoments.standard_error`.
         batch_size: model inputs per call (pairs of image and step are packed together).
-        steps: estimate only these steps (default: all of ``1..T``; the others are NaN).
+        timesteps: estimate only these steps, an increasing list in ``1..T`` (default: all of
+            ``1..T``; the others are NaN).
         generator: source of the subset and of the noise.
-        data_range: ``(a, b)``, the pixel range; gives the bound ``((b - a)/2)^2``.
+        data_range: ``(a, b)``, the pixel range; gives the bound ``((b - a)/2)^2``. Use
+            ``(-inf, inf)`` for unbounded data (no such bound).
         keep_per_image: also keep per-image values (``(T, N)`` each) for
             :meth:`~DiffusionMoments.bootstrap_standard_error`.
+        progress: show a progress bar.
+        device: where to run the model (default: its parameters' device).
 
-    Cost: ``num_images * len(steps)`` model evaluations (forward only).
+    Raises:
+        NonFiniteError: the model returned NaN or inf (the message names the steps).
+
+    Cost: ``num_images * len(timesteps)`` model evaluations (forward only).
     """
-    if not callable(eps_model):
-        raise TypeError("eps_model must be callable as eps_model(x_t, t)")
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    images = _images(data)
-    if num_images is not None and (not isinstance(num_images, int) or num_images < 2):
+    check_callable(eps_model, "eps_model", "eps_model(x_t, t)")
+    check_schedule(schedule, eps_model)
+    images = check_images(data)
+    if len(images) < 2:
+        raise ValueError(
+            f"data must hold at least 2 images (N, ...), got shape {tuple(images.shape)}"
+        )
+    if num_images is not None and check_int(num_images, "num_images") < 2:
         raise ValueError(f"num_images must be an int >= 2 or None, got {num_images!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    lo, hi = (float(v) for v in data_range)
-    if not hi > lo:
-        raise ValueError(f"data_range must be (a, b) with a < b, got {data_range!r}")
-    kept = list(range(1, schedule.T + 1)) if steps is None else schedule.check_steps(list(steps))
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    lo, hi = check_data_range(data_range)
+    check_in_range(images, (lo, hi))
+    generator = check_generator(generator)
+    if timesteps is None:
+        kept = list(range(1, schedule.T + 1))
+    else:
+        kept = schedule.check_steps(_as_list(timesteps, "timesteps"))
     n_all = len(images)
     n = n_all if num_images is None else min(num_images, n_all)
     subset = torch.randperm(n_all, generator=generator)[:n] if n < n_all else torch.arange(n)
@@ -384,7 +414,6 @@ def estimate_moments(
         {k: torch.full((T, n), math.nan, dtype=torch.float64) for k in FORMS}
         if keep_per_image else None
     )  # fmt: skip
-    abar, bbar = schedule.abar.double(), schedule.bbar.double()
     pairs_t = torch.tensor(kept, dtype=torch.long).repeat_interleave(n)
     pairs_i = torch.arange(n).repeat(len(kept))
     with progress_bar(disable=not progress) as bar:
@@ -393,12 +422,10 @@ def estimate_moments(
             t = pairs_t[start : start + batch_size]
             i = pairs_i[start : start + batch_size]
             eps = torch.randn((len(t), *shape), generator=generator, dtype=torch.float64)
-            view = (-1,) + (1,) * len(shape)
-            a, b = abar[t].view(view), bbar[t].view(view)
-            x_t = a * x0[i] + b * eps
-            out = _check_model_output(
-                eps_model(x_t.to(device=device, dtype=model_dtype), t.to(device)), x_t
-            )
+            x_t = schedule.add_noise(x0[i], eps, t)
+            a, b = schedule.scales(t, x_t)
+            out = eps_model(x_t.to(device=device, dtype=model_dtype), t.to(device))
+            out = check_model_output(out, x_t, step=_steps_label(t))
             eps_theta = out.detach().to("cpu", torch.float64)
             x0_hat = (x_t - b * eps_theta) / a
             moment_d = (x0[i] - m) ** 2 - (x0_hat - m) ** 2
@@ -424,13 +451,13 @@ def estimate_moments(
         for value in group.values():
             value /= n
             value[~estimated] = math.nan
-    info: dict[str, Any] = {"steps": "all" if steps is None else len(kept)}
+    info: dict[str, Any] = {"timesteps": "all" if timesteps is None else len(kept)}
     if isinstance(eps_model, nn.Module):
         info["model_sha256"] = model_fingerprint(eps_model)
     return DiffusionMoments(
         **scalars,
         **diag,
-        abar=abar.clone(),
+        abar=schedule.abar.double().clone(),
         data_var=float(dev0.mean()),
         num_images=n,
         image_shape=shape,
@@ -439,3 +466,11 @@ def estimate_moments(
         info=info,
         per_image=per_image,
     )
+
+
+def _as_list(values: object, name: str) -> list:
+    if isinstance(values, Tensor | np.ndarray):
+        return values.tolist()
+    if isinstance(values, Sequence | range) and not isinstance(values, str | bytes):
+        return list(values)
+    raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")

@@ -5,24 +5,36 @@ smallest kept step), with ``x0_hat = (x_t - bbar_t eps_theta(x_t, t)) / abar_t``
 
     x_s = abar_s x0_hat + sqrt(bbar_s^2 - sigma^2) eps_theta + std * z,   z ~ N(0, I)
 
-(the DDIM posterior of the reference note, rewritten with ``eps_theta``). ``eta`` fixes the
-mean through ``sigma = eta * (bbar_s / bbar_t) * sqrt(1 - abar_t^2 / abar_s^2)``; by default the
-added noise has ``std = sigma``. ``eta = 1`` is DDPM (posterior variance), ``eta = 0`` the
-deterministic DDIM generator. ``variance`` overrides only ``std**2``, the variance of the
-added noise, which is how optimal reverse variances plug in without touching the loop.
+(the DDIM posterior rewritten with ``eps_theta``; ``docs/guides/diffusion.md``, "Sampling: the
+DDIM family"). ``eta`` fixes the mean through
+``sigma = eta * (bbar_s / bbar_t) * sqrt(1 - abar_t^2 / abar_s^2)``; by default the added noise
+has ``std = sigma``. ``eta = 1`` is DDPM (posterior variance), ``eta = 0`` the deterministic
+DDIM generator. ``variance`` overrides only ``std**2``, the variance of the added noise, which
+is how optimal reverse variances plug in without touching the loop.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kexue.diffusion.schedule import NoiseSchedule
+from kexue.diffusion.schedule import NoiseSchedule, check_schedule
 from kexue.progress import progress_bar
+from kexue.validation import (
+    check_callable,
+    check_dtype,
+    check_generator,
+    check_model_output,
+    check_real,
+    check_shape,
+    check_tensor,
+)
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 # A variance callable gets (x_t, t, s, eps_theta) and returns a variance broadcastable to x_t.
@@ -48,10 +60,9 @@ class Jump:
 
 
 def check_eta(eta: float) -> float:
-    """``eta`` as a float; ``ValueError`` unless it is a finite number >= 0 (not a bool)."""
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not (0 <= eta < math.inf):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    return float(eta)
+    """``eta`` as a float: a finite number >= 0 (``TypeError`` for a non-number or a bool,
+    ``ValueError`` for a negative or non-finite one)."""
+    return check_real(eta, "eta", low=0.0)
 
 
 def resolve_steps(
@@ -60,10 +71,10 @@ def resolve_steps(
     """The kept steps (increasing) for ``steps`` = None (all of 1..T), an int K, or a list."""
     if steps is None:
         return list(range(1, schedule.T + 1))
-    if isinstance(steps, int) and not isinstance(steps, bool):
-        return schedule.trajectory(steps, spacing)
-    if isinstance(steps, Sequence | Tensor):
-        values = steps.tolist() if isinstance(steps, Tensor) else list(steps)
+    if isinstance(steps, numbers.Integral) and not isinstance(steps, bool | np.bool_):
+        return schedule.trajectory(int(steps), spacing)
+    if isinstance(steps, Sequence | Tensor | np.ndarray) and not isinstance(steps, str | bytes):
+        values = steps.tolist() if isinstance(steps, Tensor | np.ndarray) else list(steps)
         return schedule.check_steps(values)
     raise TypeError(f"steps must be None, an int K or a list of steps, got {type(steps).__name__}")
 
@@ -101,7 +112,13 @@ def jumps(
     return out
 
 
-def _check_variance_tensor(variance: Tensor, count: int, shape: tuple[int, ...]) -> Tensor:
+def check_step_variance(variance: object, count: int, shape: tuple[int, ...]) -> Tensor:
+    """A per-step variance tensor in the sampler's layout: ``(count, ...)`` with one entry per
+    kept step in dim 0, trailing dims broadcasting to one image of ``shape``, finite and
+    non-negative; ``TypeError``/``ValueError`` naming ``variance`` otherwise."""
+    variance = check_tensor(variance, "variance")
+    if variance.dtype == torch.bool or variance.is_complex():
+        raise TypeError(f"variance must be a real tensor, got dtype {variance.dtype}")
     if variance.ndim == 0 or variance.shape[0] != count:
         raise ValueError(
             f"a per-step variance tensor needs one entry per kept step ({count}) in dim 0, "
@@ -119,13 +136,72 @@ def _check_variance_tensor(variance: Tensor, count: int, shape: tuple[int, ...])
     return variance
 
 
-def _check_model_output(eps: Tensor, x: Tensor) -> Tensor:
-    if not isinstance(eps, Tensor) or eps.shape != x.shape:
-        got = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
+def check_variance_fn_value(value: object, t: int, like: Tensor) -> Tensor:
+    """The value a variance callable returned at the jump from ``t``, as a tensor of ``like``'s
+    dtype and device; ``ValueError`` if it is negative or not finite."""
+    var = torch.as_tensor(value, dtype=like.dtype)
+    if not torch.isfinite(var).all() or (var < 0).any():
         raise ValueError(
-            f"eps_model must return a tensor of the input's shape {tuple(x.shape)}, got {got}"
+            f"the variance callable returned a negative or non-finite variance at t={t}"
         )
-    return eps
+    return var.to(like.device)
+
+
+def model_parameter(eps_model: object) -> Tensor | None:
+    """The first floating-point parameter of ``eps_model`` when it is an ``nn.Module`` (what
+    decides its device and dtype), else None."""
+    if isinstance(eps_model, nn.Module):
+        for p in eps_model.parameters():
+            if p.is_floating_point():
+                return p
+    return None
+
+
+def _placement(
+    eps_model: object,
+    x_T: Tensor | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+) -> tuple[torch.dtype, torch.device | str | None]:
+    """Sampling dtype and device: ``dtype=`` if given, else ``x_T``'s dtype, else the model's
+    parameters', else float32; ``device=`` if given, else the model's, else ``x_T``'s. A
+    module whose parameters have another dtype is a ``TypeError`` naming ``dtype``."""
+    param = model_parameter(eps_model)
+    if dtype is not None:
+        dtype, source = check_dtype(dtype, "dtype"), f"dtype={dtype}"
+    elif x_T is not None:
+        dtype, source = x_T.dtype, f"x_T's dtype {x_T.dtype} (dtype=None keeps it)"
+    else:
+        dtype = param.dtype if param is not None else torch.float32
+        source = ""
+    if param is not None and param.dtype != dtype:
+        raise TypeError(
+            f"eps_model's parameters are {param.dtype} but sampling was asked in {dtype} "
+            f"({source}); pass dtype={param.dtype} (and x_T in it) or convert the model with "
+            f"eps_model.to({dtype})"
+        )
+    if device is None:
+        device = param.device if param is not None else (x_T.device if x_T is not None else None)
+    return dtype, device
+
+
+def _check_variance_spec(variance: object, eta: float, kept: list[int]) -> None:
+    """Refuse a variance built for another ``eta`` or trajectory (objects that record theirs,
+    such as :meth:`~kexue.diffusion.VarianceHead.reverse_variance`)."""
+    if isinstance(variance, Tensor) or variance is None or isinstance(variance, str):
+        return
+    built_eta = getattr(variance, "eta", None)
+    if built_eta is not None and float(built_eta) != eta:
+        raise ValueError(
+            f"variance was built for eta={float(built_eta):g} but sample runs with eta={eta:g} "
+            "(sample's default is eta=1, DDPM); pass the same eta to both"
+        )
+    built_steps = getattr(variance, "steps", None)
+    if built_steps is not None and list(built_steps) != kept:
+        raise ValueError(
+            f"variance was built for the trajectory {list(built_steps)[:3]}...; sample runs "
+            f"{kept[:3]}...: pass the same steps (and spacing) to both"
+        )
 
 
 @torch.no_grad()
@@ -144,15 +220,17 @@ def sample(
     progress: bool = True,
     return_trajectory: bool = False,
     device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """Generate ``shape = (N, C, H, W)`` images by running the reverse process.
+    """Generate ``shape = (N, C, H, W)`` images by running the reverse process
+    (``docs/guides/diffusion.md``, "Sampling: the DDIM family").
 
     Args:
         eps_model: any callable ``eps_model(x_t, t) -> eps`` with ``t`` a long tensor of
             shape ``(N,)`` holding steps in ``1..T`` (use :func:`from_diffusers` for a
             diffusers ``UNet2DModel``).
-        schedule: the :class:`NoiseSchedule` the model was trained with.
+        schedule: the :class:`NoiseSchedule` the model was trained with (a model loaded with
+            ``from_pretrained`` carries it as ``model.schedule``; another one is an error).
         steps: None (all T steps), an int K (a trajectory of K steps with ``spacing``), or an
             explicit increasing list of kept steps in ``1..T``. After the smallest kept step
             the sampler jumps to clean data (t = 0).
@@ -160,42 +238,53 @@ def sample(
         variance: variance of the added noise, overriding ``sigma^2``: ``"small"``,
             ``"large"``, a tensor of shape ``(K, ...)`` (entry ``i`` for the jump from
             ``steps[i]`` to ``steps[i-1]``, or to 0 for ``i = 0``; trailing dims broadcast to
-            one image), or a callable ``variance(x_t, t, s, eps_theta)``.
-        x_T: the initial noise (default: drawn from ``generator``).
-        generator: source of the initial and per-step noise.
+            one image), or a callable ``variance(x_t, t, s, eps_theta)``. A variance that
+            records the ``eta`` or trajectory it was built for (``VarianceHead.
+            reverse_variance``) must match this call's.
+        x_T: the initial noise, a floating tensor of ``shape`` (default: drawn from
+            ``generator``).
+        generator: source of the initial and per-step noise (on the sampling device).
         clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]`` (and recompute ``eps``).
         progress: show a progress bar.
         return_trajectory: also return ``[x]`` after every jump (on the CPU).
+        device: where to sample; default: the model's device (an ``nn.Module``), else
+            ``x_T``'s, else the CPU.
+        dtype: the dtype of every tensor of the loop; default: ``x_T``'s dtype when ``x_T`` is
+            given, else the model's parameter dtype, else float32. A module whose parameters
+            have another dtype is a ``TypeError``: convert one or the other.
 
     Returns:
-        The images ``x_0``, or ``(x_0, trajectory)``.
+        The images ``x_0`` (``dtype``), or ``(x_0, trajectory)``.
+
+    Raises:
+        NonFiniteError: the model returned NaN or inf (the message names the step).
     """
-    if not callable(eps_model):
-        raise TypeError("eps_model must be callable as eps_model(x_t, t)")
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    shape = tuple(int(v) for v in shape)
-    if len(shape) < 2 or min(shape) < 1:
-        raise ValueError(f"shape must be (N, ...) with positive sizes, got {shape}")
+    check_callable(eps_model, "eps_model", "eps_model(x_t, t)")
+    check_schedule(schedule, eps_model)
+    shape = check_shape(shape, "shape", min_len=2)
     kept = resolve_steps(schedule, steps, spacing)
     fixed = variance if isinstance(variance, str) or variance is None else None
     plan = jumps(schedule, kept, eta, fixed)
+    eta = check_eta(eta)
     if isinstance(variance, Tensor):
-        per_step = _check_variance_tensor(variance, len(kept), shape[1:])
+        per_step = check_step_variance(variance, len(kept), shape[1:])
     elif variance is not None and not isinstance(variance, str) and not callable(variance):
         raise TypeError("variance must be None, 'small', 'large', a tensor or a callable")
-    if clip_x0 is not None and not clip_x0 > 0:
-        raise ValueError(f"clip_x0 must be a positive number, got {clip_x0!r}")
-
-    if device is None and isinstance(eps_model, nn.Module):
-        first = next(eps_model.parameters(), None)
-        device = first.device if first is not None else None
-    if x_T is None:
-        x = torch.randn(shape, generator=generator, dtype=dtype, device=device)
-    else:
+    _check_variance_spec(variance, eta, kept)
+    if clip_x0 is not None:
+        clip_x0 = check_real(clip_x0, "clip_x0", low=0.0, low_open=True)
+    if x_T is not None:
+        x_T = check_tensor(x_T, "x_T", floating=True)
         if tuple(x_T.shape) != shape:
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+    generator = check_generator(generator)
+    dtype, device = _placement(eps_model, x_T, dtype, device)
+    if x_T is None:
+        _check_generator_device(generator, device)
+        x = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    else:
         x = x_T.to(dtype=dtype, device=device)
+    _check_generator_device(generator, x.device)
     if isinstance(variance, Tensor):  # moved once, not at every step
         per_step = per_step.to(dtype=x.dtype, device=x.device)
     trajectory = [x.cpu()] if return_trajectory else []
@@ -204,7 +293,7 @@ def sample(
         task = bar.add_task(f"sampling ({len(kept)} steps, eta={eta:g})", total=len(plan))
         for index, jump in enumerate(plan):
             t_batch = torch.full((batch,), jump.t, dtype=torch.long, device=x.device)
-            eps = _check_model_output(eps_model(x, t_batch), x)
+            eps = check_model_output(eps_model(x, t_batch), x, step=jump.t)
             x0 = (x - jump.bbar_t * eps) / jump.abar_t
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
@@ -213,13 +302,7 @@ def sample(
             if isinstance(variance, Tensor):
                 var = per_step[len(plan) - 1 - index]
             elif callable(variance):
-                var = torch.as_tensor(variance(x, jump.t, jump.s, eps), dtype=x.dtype)
-                if not torch.isfinite(var).all() or (var < 0).any():
-                    raise ValueError(
-                        f"the variance callable returned a negative or non-finite variance "
-                        f"at t={jump.t}"
-                    )
-                var = var.to(x.device)
+                var = check_variance_fn_value(variance(x, jump.t, jump.s, eps), jump.t, x)
             else:
                 var = jump.noise_var
             if isinstance(var, Tensor) or var > 0:
@@ -232,6 +315,18 @@ def sample(
                 trajectory.append(x.cpu())
             bar.advance(task)
     return (x, trajectory) if return_trajectory else x
+
+
+def _check_generator_device(
+    generator: torch.Generator | None, device: torch.device | str | None
+) -> None:
+    if generator is None or device is None:
+        return
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(
+            f"generator is on {generator.device} but sampling runs on {torch.device(device)}: "
+            "pass a generator of that device (torch.Generator(device).manual_seed(...))"
+        )
 
 
 class DiffusersEpsModel(nn.Module):

@@ -1,6 +1,7 @@
 """Noise schedules in the articles' notation, and how they map to the DDPM paper and diffusers.
 
-Conventions, documented once for all of kexue.diffusion:
+Conventions, documented once for all of kexue.diffusion (``docs/guides/diffusion.md``,
+"Notation" and "Timesteps"):
 
 - Forward step ``x_t = alpha_t x_{t-1} + beta_t eps`` with ``alpha_t^2 + beta_t^2 = 1``: our
   ``beta_t`` is a **standard deviation**, the square root of the DDPM paper's ``beta_t``.
@@ -19,10 +20,20 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from kexue.validation import check_generator, check_int, check_tensor, describe
+
+
+class NoisyBatch(NamedTuple):
+    """One draw of the forward process for a batch: steps ``t``, noise ``eps`` and ``x_t``."""
+
+    t: Tensor
+    eps: Tensor
+    x_t: Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,6 +130,87 @@ class NoiseSchedule:
             return cls.from_alphas(args["alphas"])
         raise ValueError(f"unknown schedule kind {kind!r} in config")
 
+    # ------------------------------------------------------------------ forward process
+    def scales(self, t: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(abar_t, bbar_t)`` in ``like``'s dtype and device, shaped to broadcast over it.
+
+        ``t`` is an int (both are 0-d tensors) or a long tensor of steps ``0..T`` of shape
+        ``(N,)`` (both get shape ``(N, 1, ..., 1)``, one entry per leading item of ``like``).
+        """
+        abar = self.abar.to(like.device, like.dtype)[t]
+        bbar = self.bbar.to(like.device, like.dtype)[t]
+        if abar.ndim == 1:
+            view = (-1,) + (1,) * (like.ndim - 1)
+            abar, bbar = abar.view(view), bbar.view(view)
+        return abar, bbar
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor | int) -> Tensor:
+        """The forward process in one jump: ``x_t = abar_t x_0 + bbar_t eps``
+        (``docs/guides/diffusion.md``, "Forward process").
+
+        ``x0``: clean data ``(N, ...)``, floating; ``eps``: noise of the same shape; ``t``: an
+        int or a long tensor of steps in ``0..T`` of shape ``(N,)``, broadcast over the other
+        dims. The result has ``x0``'s dtype and device (the schedule is float64; its
+        coefficients are cast to ``x0``'s dtype first, as the training loss does).
+        """
+        x0 = check_tensor(x0, "x0", floating=True, min_ndim=1)
+        eps = check_tensor(eps, "eps", floating=True)
+        if eps.shape != x0.shape:
+            raise ValueError(f"eps must have x0's shape {tuple(x0.shape)}, got {tuple(eps.shape)}")
+        t = self._check_t(t, x0)
+        abar, bbar = self.scales(t, x0)
+        return abar * x0 + bbar * eps.to(x0.device, x0.dtype)
+
+    def sample_timesteps(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """``n`` steps drawn uniformly from ``1..T`` (long, shape ``(n,)``).
+
+        Drawn on the CPU from ``generator`` and then moved to ``device``, so a seed gives the
+        same steps on every device.
+        """
+        n = check_int(n, "n", low=0)
+        check_generator(generator)
+        t = torch.randint(1, self.T + 1, (n,), generator=generator)
+        return t if device is None else t.to(device)
+
+    def noise_batch(self, x0: Tensor, *, generator: torch.Generator | None = None) -> NoisyBatch:
+        """One Monte Carlo draw of the forward process for a batch of clean data ``x0``:
+        ``t ~ Uniform{1..T}`` per item, ``eps ~ N(0, I)`` (both from ``generator``, on the CPU,
+        in that order) and ``x_t = abar_t x_0 + bbar_t eps``. What every training loss of
+        kexue.diffusion starts from (``docs/guides/diffusion.md``, "Training loss")."""
+        x0 = check_tensor(x0, "x0", floating=True, min_ndim=1)
+        t = self.sample_timesteps(len(x0), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        t, eps = t.to(x0.device), eps.to(x0.device, x0.dtype)
+        return NoisyBatch(t, eps, self.add_noise(x0, eps, t))
+
+    def _check_t(self, t: object, x0: Tensor) -> Tensor | int:
+        if isinstance(t, Tensor):
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise TypeError(f"t must be an int or an integer tensor, got dtype {t.dtype}")
+            if t.ndim > 1 or (t.ndim == 1 and len(t) != len(x0)):
+                raise ValueError(
+                    f"t must be an int or a tensor of shape ({len(x0)},) (one step per item of "
+                    f"x0), got shape {tuple(t.shape)}"
+                )
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) > self.T):
+                raise ValueError(f"t must hold steps in 0..T={self.T}, got {describe(t)}")
+            return t.to(x0.device).long()
+        return check_int(t, "t", low=0, high=self.T)
+
+    def same_as(self, other: NoiseSchedule) -> bool:
+        """True when ``other`` has the same ``T`` and the same ``abar`` (to 1e-12)."""
+        return (
+            isinstance(other, NoiseSchedule)
+            and other.T == self.T
+            and torch.allclose(other.abar.double(), self.abar.double(), rtol=1e-12, atol=0)
+        )
+
     # ------------------------------------------------------------------ conversions
     def to_diffusers_betas(self) -> Tensor:
         """The DDPM paper's betas ``1 - alpha_t^2`` for ``t = 1..T`` (diffusers' ``betas``)."""
@@ -165,6 +257,23 @@ class NoiseSchedule:
 
     def __repr__(self) -> str:
         return f"NoiseSchedule({self.config.get('kind', 'custom')}, T={self.T})"
+
+
+def check_schedule(schedule: object, eps_model: object = None, name: str = "schedule"):
+    """``schedule`` as a :class:`NoiseSchedule` (``TypeError`` otherwise); ``ValueError`` when
+    ``eps_model`` carries the schedule it was trained with (``eps_model.schedule``, as models
+    loaded with ``from_pretrained`` do) and ``schedule`` differs from it (another ``T`` or
+    another ``abar``)."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"{name} must be a NoiseSchedule, got {describe(schedule)}")
+    trained = getattr(eps_model, "schedule", None)
+    if isinstance(trained, NoiseSchedule) and not trained.same_as(schedule):
+        raise ValueError(
+            f"{name} {schedule!r} differs from the schedule the model was trained with "
+            f"({trained!r}, abar_T = {float(trained.abar[-1]):.4g}); pass the model's own "
+            "schedule (model.schedule)"
+        )
+    return schedule
 
 
 def _check_T(T: int) -> None:

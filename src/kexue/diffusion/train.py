@@ -1,7 +1,13 @@
 """DDPM training with EMA, gradient clipping, crash-safe checkpoints and bit-exact resume.
 
-Loss (reference note, "Training"): ``|| eps - eps_theta(abar_t x_0 + bbar_t eps, t) ||^2``
-**summed over dimensions**, averaged over the batch, with ``t ~ Uniform{1..T}``.
+Loss (``docs/guides/diffusion.md``, "Training loss"):
+``|| eps - eps_theta(abar_t x_0 + bbar_t eps, t) ||^2`` **summed over dimensions**, averaged
+over the batch, with ``t ~ Uniform{1..T}``.
+
+A run folder ``OUT`` holds ``config.json`` (the run), ``checkpoints/`` (what resuming needs,
+:mod:`.checkpoint`) and ``model/``: the EMA weights of the latest checkpoint with their schedule,
+written with ``save_pretrained``, so ``UNet.from_pretrained("OUT/model")`` samples from a run
+(the CLI's ``--ckpt OUT`` does the same).
 
 Every random draw of step ``k`` (the batch's ``t`` and ``eps``) comes from a generator
 seeded by ``(seed, k, process)``, and the data order of epoch ``e`` from one seeded by
@@ -16,6 +22,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +32,8 @@ from rich.progress import TextColumn
 from torch import Tensor
 
 from kexue.diffusion.checkpoint import (
-    CheckpointError,
     latest_checkpoint,
     load_checkpoint,
-    load_state_dict_strict,
     optimizer_from_flat,
     optimizer_to_flat,
     save_checkpoint,
@@ -37,14 +42,16 @@ from kexue.diffusion.data import ImageData, load_images
 from kexue.diffusion.images import save_image_grid
 from kexue.diffusion.sampler import sample
 from kexue.diffusion.schedule import NoiseSchedule
-from kexue.diffusion.unet import UNet, UNetConfig
-from kexue.io import atomic_write, write_json_atomic
+from kexue.diffusion.unet import RUN_MODEL_DIR, UNet, UNetConfig, load_state_dict_strict
+from kexue.exceptions import CheckpointError
+from kexue.extras import require
+from kexue.io import write_json_atomic
 from kexue.progress import progress_bar
 
 
 @dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved as ``OUT/config.json``)."""
+class DiffusionTrainConfig:
+    """Everything that defines a diffusion training run (saved as ``OUT/config.json``)."""
 
     data: str = "mnist5k"
     steps: int = 20_000
@@ -84,16 +91,15 @@ def _mix(*values: int) -> int:
 
 
 def diffusion_loss(
-    eps_model, schedule: NoiseSchedule, x0: Tensor, generator: torch.Generator | None = None
+    eps_model: Callable[[Tensor, Tensor], Tensor],
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Monte Carlo DDPM loss of a batch: sum over dimensions, mean over the batch."""
-    t = torch.randint(1, schedule.T + 1, (x0.shape[0],), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    t, eps = t.to(x0.device), eps.to(x0.device)
-    view = (-1,) + (1,) * (x0.ndim - 1)
-    abar = schedule.abar.to(x0.device, x0.dtype)[t].view(view)
-    bbar = schedule.bbar.to(x0.device, x0.dtype)[t].view(view)
-    pred = eps_model(abar * x0 + bbar * eps, t)
+    """Monte Carlo DDPM loss of a batch: ``||eps - eps_theta(x_t, t)||^2`` summed over
+    dimensions, mean over the batch, on one draw of :meth:`NoiseSchedule.noise_batch`."""
+    t, eps, x_t = schedule.noise_batch(x0, generator=generator)
+    pred = eps_model(x_t, t)
     return (pred - eps).pow(2).flatten(1).sum(1).mean()
 
 
@@ -104,11 +110,12 @@ class Trainer:
     continue ``OUT`` from its latest checkpoint; then :meth:`train`.
     """
 
-    def __init__(self, config: TrainConfig, out_dir: str | Path, *, data: ImageData | None = None):
-        try:
-            from accelerate import Accelerator
-        except ImportError as err:  # pragma: no cover - accelerate is in the diffusion extra
-            raise ImportError("training needs accelerate: pip install 'kexue[diffusion]'") from err
+    def __init__(
+        self, config: DiffusionTrainConfig, out_dir: str | Path, *, data: ImageData | None = None
+    ):
+        Accelerator = require("accelerate", "diffusion").Accelerator
+        if not isinstance(config, DiffusionTrainConfig):
+            raise TypeError(f"config must be a DiffusionTrainConfig, got {type(config).__name__}")
         self.config = config
         self.out = Path(out_dir)
         self.data = data or load_images(config.data)
@@ -129,7 +136,7 @@ class Trainer:
             )
         with torch.random.fork_rng(devices=[]):  # the init depends on the seed only
             torch.manual_seed(_mix(config.seed, 0x1417))
-            model = UNet(unet_cfg)
+            model = UNet(unet_cfg, schedule=self.schedule)
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -140,7 +147,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ run folders
     @classmethod
-    def create(cls, config: TrainConfig, out_dir: str | Path) -> Trainer:
+    def create(cls, config: DiffusionTrainConfig, out_dir: str | Path) -> Trainer:
         out = Path(out_dir)
         if latest_checkpoint(out) is not None:
             raise ValueError(
@@ -162,7 +169,7 @@ class Trainer:
         saved = json.loads(config_file.read_text())["train"]
         if steps is not None:
             saved["steps"] = steps
-        trainer = cls(TrainConfig(**saved), out)
+        trainer = cls(DiffusionTrainConfig(**saved), out)
         if latest_checkpoint(out) is not None:
             trainer.load(out)
         if steps is not None and trainer.accelerator.is_main_process:
@@ -193,9 +200,22 @@ class Trainer:
             "optimizer": opt_tensors,
         }
         state = {"optimizer": opt_meta, "config": self.run_config()}
-        return save_checkpoint(
+        path = save_checkpoint(
             self.out, self.step, tensors, state, keep=self.config.keep_checkpoints
         )
+        self.ema_model().save_pretrained(self.out / RUN_MODEL_DIR)
+        return path
+
+    def ema_model(self) -> UNet:
+        """The EMA weights as a :class:`UNet` with its schedule and ``info`` (the run's image
+        shape, step and training config): what ``OUT/model`` holds."""
+        model = copy.deepcopy(self.ema).cpu().eval()
+        model.info = {
+            "image_shape": list(self.data.image_shape),
+            "step": self.step,
+            "train": asdict(self.config),
+        }
+        return model
 
     def load(self, path: str | Path) -> None:
         tensors, state = load_checkpoint(path)
@@ -289,32 +309,20 @@ class Trainer:
         return save_image_grid(images, self.out / "samples" / f"step-{self.step:08d}.png")
 
 
-def load_model(path: str | Path) -> tuple[UNet, NoiseSchedule]:
-    """The EMA model and schedule of a training run folder, a checkpoint folder, or an exported
-    model folder (``ema.safetensors`` + ``config.json``), ready for :func:`sample`."""
-    path = Path(path)
-    if (path / "ema.safetensors").exists() and (path / "config.json").exists():
-        from safetensors.torch import load_file
-
-        config = json.loads((path / "config.json").read_text())
-        weights = load_file(str(path / "ema.safetensors"))
-    else:
-        tensors, state = load_checkpoint(path)
-        config, weights = state["config"], tensors["ema"]
-    model = UNet(UNetConfig(**config["unet"]))
-    load_state_dict_strict(model, weights, f"EMA weights in {path}")
-    return model.eval().requires_grad_(False), NoiseSchedule.from_config(config["schedule"])
-
-
-def export_model(run_dir: str | Path, target: str | Path, command: str = "") -> Path:
-    """Write the EMA weights and config of a run as a small model folder (for shipping)."""
-    from safetensors.torch import save_file
-
-    tensors, state = load_checkpoint(run_dir)
-    target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    ema = {k: v.contiguous() for k, v in tensors["ema"].items()}
-    atomic_write(target / "ema.safetensors", lambda tmp: save_file(ema, tmp))
-    config = state["config"] | {"step": state["step"], "command": command}
-    write_json_atomic(target / "config.json", config)
-    return target
+def ema_from_checkpoint(path: str | Path) -> UNet:
+    """The EMA model of a training checkpoint (or of a run folder's latest checkpoint) as a
+    :class:`UNet` with its schedule, e.g. to export a run written before ``OUT/model``
+    existed: ``ema_from_checkpoint("runs/old").save_pretrained("models/old")``."""
+    tensors, state = load_checkpoint(path)
+    if "ema" not in tensors:
+        raise CheckpointError(f"checkpoint {path} lacks ema.safetensors")
+    config = state["config"]
+    info = {"image_shape": config.get("image_shape"), "step": state["step"],
+            "train": config.get("train")}  # fmt: skip
+    model = UNet(
+        UNetConfig(**config["unet"]),
+        schedule=NoiseSchedule.from_config(config["schedule"]),
+        info=info,
+    )
+    load_state_dict_strict(model, tensors["ema"], f"EMA weights in {path}")
+    return model.eval().requires_grad_(False)

@@ -1,20 +1,37 @@
 """The articles' simplified U-Net: GroupNorm, additive skips, optional low-resolution attention.
 
 ``UNet(x_t, t)`` predicts the noise ``eps`` of ``x_t = abar_t x_0 + bbar_t eps`` for integer
-steps ``t`` in ``1..T``. Skips are added (not concatenated), so every level keeps one width;
-no BatchNorm anywhere (its train/inference mismatch hurts diffusion models).
+steps ``t`` in ``1..T`` (``docs/guides/diffusion.md``, "The network"). Skips are added (not
+concatenated), so every level keeps one width; no BatchNorm anywhere (its train/inference
+mismatch hurts diffusion models).
+
+A trained model is saved with its noise schedule: ``model.save_pretrained(folder)`` and
+``UNet.from_pretrained("mnist5k")`` (a shipped name) or ``UNet.from_pretrained(folder)``; the
+loaded model carries ``model.schedule`` (sampling with another schedule is an error) and
+``model.info`` (how it was trained: ``step``, ``command``, ``image_shape``, ...).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kexue.diffusion.schedule import NoiseSchedule
+from kexue.exceptions import CheckpointError
+from kexue.pretrained import CONFIG_NAME, PretrainedMixin
+
+ASSETS = Path(__file__).parent / "assets"
+RUN_MODEL_DIR = "model"  # a training run folder keeps its EMA model here (save_pretrained)
 
 
 @dataclass
@@ -122,17 +139,41 @@ class Level(nn.Module):
         return self.attention(x) if self.attention is not None else x
 
 
-class UNet(nn.Module):
-    """Simplified U-Net ``eps_theta(x_t, t)``; the default (~2.4M parameters, 400 MFLOP per
+class UNet(PretrainedMixin, nn.Module):
+    """Simplified U-Net ``eps_theta(x_t, t)``; the default (~1.7M parameters, 400 MFLOP per
     28x28 image) suits grey digits. Input height/width must be divisible by
-    ``2 ** (len(channel_mults) - 1)``."""
+    ``2 ** (len(channel_mults) - 1)``.
 
-    def __init__(self, config: UNetConfig | None = None, **kwargs) -> None:
+    Attributes:
+        schedule: the :class:`NoiseSchedule` the model was trained with, or None (a fresh
+            model); set by ``from_pretrained`` and by the ``Trainer``, saved with the weights.
+        info: free-form, JSON-able facts about how the model was made (saved with it).
+    """
+
+    pretrained_kind: ClassVar[str] = "kexue.diffusion.UNet"
+    pretrained_version: ClassVar[int] = 1
+    pretrained_extra: ClassVar[str] = "diffusion"
+    pretrained_assets: ClassVar[Path | None] = ASSETS
+
+    def __init__(
+        self,
+        config: UNetConfig | None = None,
+        *,
+        schedule: NoiseSchedule | None = None,
+        info: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__()
         cfg = config or UNetConfig(**kwargs)
         if config is not None and kwargs:
             raise TypeError("give either a UNetConfig or keyword arguments, not both")
+        if schedule is not None and not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a NoiseSchedule or None, got {type(schedule)}")
+        if schedule is not None and schedule.T != cfg.T:
+            raise ValueError(f"schedule has T={schedule.T} but the model is built for T={cfg.T}")
         self.config = cfg
+        self.schedule = schedule
+        self.info: dict[str, Any] = dict(info or {})
         widths = [cfg.channels * m for m in cfg.channel_mults]
         time_dim = 4 * cfg.channels
         if cfg.time_embedding == "learned":
@@ -162,7 +203,8 @@ class UNet(nn.Module):
     def time_embedding(self, t: Tensor) -> Tensor:
         if self.config.time_embedding == "learned":
             return self.time_mlp(self.time_table(t))
-        return self.time_mlp(sinusoidal_embedding(t, self.config.channels))
+        emb = sinusoidal_embedding(t, self.config.channels)
+        return self.time_mlp(emb.to(self.time_mlp[0].weight.dtype))  # float64 models too
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.head(self.features(x, t))
@@ -197,3 +239,59 @@ class UNet(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ save / load
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> UNet:
+        """Load a shipped model (``"mnist5k"``), a folder written by :meth:`save_pretrained`,
+        or a training run folder (its ``model/``: the EMA weights of the latest checkpoint).
+        The model comes back in eval mode, frozen, with ``schedule`` and ``info``."""
+        if isinstance(name_or_path, str | os.PathLike):
+            run_model = Path(name_or_path) / RUN_MODEL_DIR
+            if not (Path(name_or_path) / CONFIG_NAME).is_file() or _is_run_config(
+                Path(name_or_path) / CONFIG_NAME
+            ):
+                if (run_model / CONFIG_NAME).is_file():
+                    name_or_path = run_model
+        return super().from_pretrained(name_or_path, **kwargs)
+
+    def pretrained_state(self) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+        config = {
+            "unet": self.config.to_dict(),
+            "schedule": None if self.schedule is None else dict(self.schedule.config),
+            **self.info,
+        }
+        return config, {"model": self.state_dict()}
+
+    @classmethod
+    def from_pretrained_state(
+        cls, config: dict[str, Any], tensors: dict[str, dict[str, Tensor]], **kwargs: Any
+    ) -> UNet:
+        if kwargs:
+            raise TypeError(f"UNet.from_pretrained takes no options, got {sorted(kwargs)}")
+        if "model" not in tensors or "unet" not in config:
+            raise CheckpointError("a saved UNet needs model.safetensors and the 'unet' config")
+        schedule_config = config.get("schedule")
+        schedule = None if schedule_config is None else NoiseSchedule.from_config(schedule_config)
+        info = {k: v for k, v in config.items() if k not in ("unet", "schedule")}
+        model = cls(UNetConfig(**config["unet"]), schedule=schedule, info=info)
+        load_state_dict_strict(model, tensors["model"], "the saved UNet weights")
+        return model.eval().requires_grad_(False)
+
+
+def _is_run_config(path: Path) -> bool:
+    """True for the ``config.json`` of a training run folder (not a saved kexue object)."""
+    try:
+        return "_kexue_class" not in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_state_dict_strict(module: nn.Module, tensors: dict[str, Tensor], what: str) -> None:
+    """``module.load_state_dict(strict=True)`` with a :class:`CheckpointError` naming ``what``
+    on mismatched keys or shapes."""
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise CheckpointError(f"{what} does not fit this model: {first}") from err

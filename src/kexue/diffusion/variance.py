@@ -1,6 +1,6 @@
 """Optimal reverse variances (Analytic-DPM and its extensions) and the optimal trajectory.
 
-Reference note, "Optimal reverse variance" and "Imperfect mean". For a jump from kept step
+``docs/guides/optimal-variance.md``, "The optimal reverse variance". For a jump from kept step
 ``t`` down to ``s`` with the eta-family variance ``sigma^2`` (which fixes the mean, as in
 :func:`~kexue.diffusion.sample`), approximating ``p(x_0 | x_t)`` by ``N(x0_hat, sbar_t^2 I)``
 gives the reverse variance

@@ -1,0 +1,170 @@
+"""Exact testbeds for kexue.diffusion: data whose optimal eps-model and posterior are known.
+
+Everything here is written from the formulas of ``docs/guides/diffusion.md`` and
+``docs/guides/optimal-variance.md`` directly, in float64, without calling the code under test
+(only :class:`~kexue.diffusion.NoiseSchedule`'s ``abar``/``bbar`` tables are read):
+
+- :func:`point_eps`: the exact eps-model of data that is a single point ``x*``;
+- :func:`gaussian_eps`: the exact eps-model of ``N(0, s^2 I)`` data (linear in ``x_t``), and
+  :func:`gaussian_posterior_variance`, the closed form of ``Var[x_0 | x_t]``;
+- :class:`GaussianMixture`: a mixture of isotropic Gaussians with its exact posterior
+  ``p(x_0 | x_t)`` (a mixture again), exact eps-model and exact ``E Var[x_0 | x_t]``;
+- :func:`reference_sample`: the reverse process of the DDIM family written from the posterior
+  ``q(x_s | x_t, x_0)`` (the mean as ``c x_t + gamma x0_hat``, not the sampler's
+  ``abar_s x0_hat + c eps``), drawing its noise in the sampler's documented order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from kexue.diffusion.schedule import NoiseSchedule
+
+__all__ = [
+    "GaussianMixture",
+    "gaussian_eps",
+    "gaussian_posterior_variance",
+    "point_eps",
+    "reference_sample",
+]
+
+EpsModel = Callable[[Tensor, Tensor], Tensor]
+
+
+def _at(schedule: NoiseSchedule, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    view = (-1,) + (1,) * (x.ndim - 1)
+    a = schedule.abar.to(x.dtype)[t].view(view)
+    b = schedule.bbar.to(x.dtype)[t].view(view)
+    return a, b
+
+
+def point_eps(schedule: NoiseSchedule, point: Tensor) -> EpsModel:
+    """Exact eps-model when the data is the single point ``point``:
+    ``eps = (x_t - abar_t x*) / bbar_t`` (computed in ``x_t``'s dtype)."""
+
+    def eps(x: Tensor, t: Tensor) -> Tensor:
+        a, b = _at(schedule, t, x)
+        return (x - a * point.to(x.dtype)) / b
+
+    return eps
+
+
+def gaussian_eps(schedule: NoiseSchedule, std: float) -> EpsModel:
+    """Exact eps-model for data ``N(0, std^2 I)``:
+    ``E[eps | x_t] = bbar_t x_t / (abar_t^2 std^2 + bbar_t^2)`` (in ``x_t``'s dtype)."""
+
+    def eps(x: Tensor, t: Tensor) -> Tensor:
+        a, b = _at(schedule, t, x)
+        return b * x / (a**2 * std**2 + b**2)
+
+    return eps
+
+
+def gaussian_posterior_variance(schedule: NoiseSchedule, std: float) -> Tensor:
+    """``Var[x_0 | x_t] = std^2 bbar_t^2 / (abar_t^2 std^2 + bbar_t^2)`` for ``t = 1..T``
+    (float64, shape ``(T,)``): the same for every ``x_t`` and every dimension."""
+    a, b = schedule.abar.double()[1:], schedule.bbar.double()[1:]
+    return std**2 * b**2 / (a**2 * std**2 + b**2)
+
+
+class GaussianMixture:
+    """``p(x_0) = sum_k w_k N(mu_k, s_k^2 I)`` on images of ``shape`` (float64).
+
+    Given ``x_t = a x_0 + b eps``, component ``k`` has ``x_t ~ N(a mu_k, (a^2 s_k^2 + b^2) I)``
+    and ``x_0 | x_t, k ~ N(mu_k + a s_k^2 / (a^2 s_k^2 + b^2) (x_t - a mu_k),
+    s_k^2 b^2 / (a^2 s_k^2 + b^2) I)``; the posterior is the mixture of these with the
+    components' responsibilities.
+    """
+
+    def __init__(self, weights: Sequence[float] | Tensor, means: Tensor, stds) -> None:
+        self.w = torch.as_tensor(weights, dtype=torch.float64)
+        self.mu = torch.as_tensor(means, dtype=torch.float64)  # (k, *shape)
+        self.s = torch.as_tensor(stds, dtype=torch.float64).expand(len(self.w)).clone()
+        if self.mu.shape[0] != len(self.w):
+            raise ValueError("means need one row per weight")
+        self.w = self.w / self.w.sum()
+        self.shape = tuple(self.mu.shape[1:])
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` draws ``(n, *shape)``: components first, then the Gaussian noise."""
+        k = torch.multinomial(self.w, n, replacement=True, generator=generator)
+        z = torch.randn((n, *self.shape), generator=generator, dtype=torch.float64)
+        return self.mu[k] + self.s[k].view((-1,) + (1,) * len(self.shape)) * z
+
+    def posterior(self, x_t: Tensor, a: Tensor | float, b: Tensor | float):
+        """Per-dimension ``E[x_0 | x_t]`` and ``Var[x_0 | x_t]`` (each shaped like ``x_t``);
+        ``a, b`` (``abar_t``, ``bbar_t``) are numbers or broadcast to ``(n, 1, ..., 1)``."""
+        x_t = x_t.double()
+        n, nd = len(x_t), len(self.shape)
+        col = (n,) + (1,) * nd
+        a = torch.broadcast_to(torch.as_tensor(a, dtype=torch.float64), col)[:, None]
+        b = torch.broadcast_to(torch.as_tensor(b, dtype=torch.float64), col)[:, None]
+        s2 = (self.s**2).view((1, -1) + (1,) * nd)
+        total = a**2 * s2 + b**2  # (n, k, 1, ...): Var x_t per dim within component k
+        r = x_t[:, None] - a * self.mu[None]  # (n, k, *shape)
+        quad = (r**2 / total).flatten(2).sum(2)
+        log_det = math.prod(self.shape) * torch.log(total.flatten(2)[:, :, 0])
+        resp = torch.softmax(torch.log(self.w)[None] - 0.5 * (quad + log_det), 1)
+        resp = resp.view((n, -1) + (1,) * nd)
+        means = self.mu[None] + (a * s2 / total) * r
+        mean = (resp * means).sum(1)
+        second = (resp * (s2 * b**2 / total + means**2)).sum(1)
+        return mean, second - mean**2
+
+    def eps_model(self, schedule: NoiseSchedule) -> EpsModel:
+        """The exact eps-model ``(x_t - abar_t E[x_0 | x_t]) / bbar_t`` (float64 out)."""
+
+        def eps(x: Tensor, t: Tensor) -> Tensor:
+            x = x.double()
+            view = (-1,) + (1,) * (x.ndim - 1)
+            a = schedule.abar.double()[t].view(view)
+            b = schedule.bbar.double()[t].view(view)
+            mean, _ = self.posterior(x, a, b)
+            return (x - a * mean) / b
+
+        return eps
+
+    def true_sbar2(
+        self, schedule: NoiseSchedule, t: int, n: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Monte Carlo over ``x_t`` of ``E Var[x_0 | x_t]`` per dimension (the conditional
+        variance exact for each draw): ``(estimate, standard error)``, each of ``shape``."""
+        x0 = self.sample(n, generator)
+        a, b = schedule.abar.double()[t], schedule.bbar.double()[t]
+        x_t = a * x0 + b * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+        _, var = self.posterior(x_t, a, b)
+        return var.mean(0), var.std(0) / math.sqrt(n)
+
+
+def reference_sample(
+    eps_model: EpsModel,
+    schedule: NoiseSchedule,
+    steps: Sequence[int],
+    eta: float,
+    x_T: Tensor,
+    variances: Sequence[float | Tensor],
+    generator: torch.Generator,
+) -> Tensor:
+    """The DDIM-family reverse process from ``x_T`` in float64, written from the posterior
+    ``q(x_s | x_t, x_0) = N(c/bbar_t x_t + gamma x_0, sigma^2)`` with ``c = sqrt(bbar_s^2 -
+    sigma^2)``, ``gamma = abar_s - abar_t c / bbar_t`` and ``x_0 -> x0_hat``; the noise of jump
+    ``i`` (from ``steps[i]``) has variance ``variances[i]`` and is one ``randn`` of ``x_T``'s
+    shape from ``generator``, drawn at every jump, from the top step down."""
+    abar, bbar = schedule.abar.tolist(), schedule.bbar.tolist()
+    kept = [0, *steps]
+    x = x_T.double()
+    for i in range(len(steps), 0, -1):
+        t, s = kept[i], kept[i - 1]
+        sigma2 = eta**2 * (bbar[s] / bbar[t]) ** 2 * (1 - abar[t] ** 2 / abar[s] ** 2)
+        c = math.sqrt(max(bbar[s] ** 2 - sigma2, 0.0))
+        gamma = abar[s] - abar[t] * c / bbar[t]
+        eps = eps_model(x, torch.full((len(x),), t, dtype=torch.long)).double()
+        x0_hat = (x - bbar[t] * eps) / abar[t]
+        z = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        std = torch.as_tensor(variances[i - 1], dtype=torch.float64).sqrt()
+        x = c / bbar[t] * x + gamma * x0_hat + std * z
+    return x
