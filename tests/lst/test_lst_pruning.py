@@ -100,7 +100,22 @@ def test_t5_side_blocks_are_the_selected_rows_of_the_backbone():
 
 def test_magnitude_selection_keeps_the_largest_rows():
     """Recompute the choice independently from |w| and compare."""
+    _check_magnitude_selection(tiny_bert())
+
+
+def test_magnitude_selection_counts_biases_and_norms():
+    """A fresh BERT has zero biases and unit norms, so the test above cannot see whether they
+    are counted; here they are random."""
     bert = tiny_bert()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in bert.parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    _check_magnitude_selection(bert)
+
+
+def _check_magnitude_selection(bert):
     model = get_lst_model(bert, LSTConfig(reduction_factor=4, init="magnitude"))
     plan = model.pruning_plan_
     score = torch.zeros(32)
