@@ -33,7 +33,7 @@ def test_minilm_lst_with_fisher_init(minilm, tmp_path):
     data = encode(tokenizer, texts, labels, 64)
     config = LSTConfig(init="fisher", fisher_samples=16)
     model = get_lst_model(backbone, config, init_data=data.batches(8))
-    dims = model._adapter.dims(8)
+    dims = model.backbone_adapter.dims(8)
     assert (dims.width, dims.heads, dims.head_dim, dims.ffn) == (48, 12, 4, 192)
     assert len(model.side.encoder.blocks) == 6
     assert torch.equal(model.gate_values()["encoder"], torch.full((6,), 0.5))

@@ -21,7 +21,7 @@ def _check_copied(model, stack_name: str) -> int:
     """Every side weight equals backbone_weight[rows][:, cols] of the plan; returns count."""
     plan = model.pruning_plan_
     r = plan.residual
-    adapter = model._adapter
+    adapter = model.backbone_adapter
     side = model.side.stacks()[stack_name]
     checked = 0
     for block, layer, rows in zip(side.blocks, plan.layers, plan.blocks[stack_name], strict=True):

@@ -1,9 +1,9 @@
 """``LSTModel``: a frozen Hugging Face backbone with a trainable ladder side network beside it.
 
-See ``docs/guides/lst.md``. The backbone always runs in eval mode
-under ``torch.no_grad()``: it only provides hidden states, so no activation of it is kept for
-backward and backward runs through the side network only. Its hidden states depend on the
-input alone, so they can be computed once per dataset and cached (``BackboneCache``).
+See ``docs/guides/lst.md``. The backbone always runs in eval mode under ``torch.no_grad()``:
+it only provides hidden states, so no activation of it is kept for backward and backward runs
+through the side network only. Its hidden states depend on the input alone, so they can be
+computed once per dataset and cached (``BackboneCache``).
 
 Output: the side state is up-projected (``w -> d``; plus the backbone's last hidden state with
 ``merge_backbone_output``) and fed to a task head: a linear classifier on the pooled state
@@ -134,6 +134,11 @@ class LSTModel(nn.Module):
         self.pruning_plan_: PruningPlan | None = None
 
     # -- PEFT-style API ---------------------------------------------------------------------
+
+    @property
+    def backbone_adapter(self) -> Backbone:
+        """How the side network reads the backbone (its layers, widths and modules)."""
+        return self._adapter
 
     def get_base_model(self) -> nn.Module:
         return self.backbone
