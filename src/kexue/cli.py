@@ -20,7 +20,7 @@ try:  # typer >= 0.22 vendors its own click
 except ImportError:  # pragma: no cover - older typer on top of click
     from click import Command, Context
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from kexue import __version__
 from kexue.exceptions import MissingExtraError
@@ -71,11 +71,21 @@ def _hide_flag_types(command: Command, ctx: Context) -> Command:
     return command
 
 
+def _installed(module: str) -> bool:
+    """True when ``module`` can be imported (found without importing it)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None marks a blocked import
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _missing_extra_command(name: str, group: CommandGroup, message: str) -> Command:
     def fail() -> None:
         raise UsageError(message)
 
-    return Command(
+    return TyperCommand(
         name,
         callback=fail,
         help=f"{group.help} (not installed: pip install 'kexue[{group.extra}]')",
@@ -109,7 +119,7 @@ class KexueGroup(TyperGroup):
             return None if command is None else _hide_flag_types(command, ctx)
         if self._listing:  # the root's help only needs the summary
             return TyperGroup(name=cmd_name, help=group.help)
-        missing = [m for m in group.requires if importlib.util.find_spec(m) is None]
+        missing = [m for m in group.requires if not _installed(m)]
         module, attribute = group.target.split(":")
         try:
             if missing:

@@ -106,10 +106,6 @@ def test_lora_without_peft_names_the_extra(monkeypatch):
         build_text_classifier("lora", tiny_bert(), 2)
 
 
-@pytest.mark.xfail(
-    reason="kexue.cli._missing_extra_command builds typer's abstract Command (typer 0.29)",
-    strict=False,
-)
 def test_cli_without_transformers_exits_2_with_one_line():
     code = (
         "import sys; sys.modules['transformers'] = None\n"
