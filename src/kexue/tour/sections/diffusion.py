@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import matplotlib.pyplot as plt
 import torch
 
-from kexue.diffusion import sample
-from kexue.diffusion.data import load_images
-from kexue.diffusion.evaluate import DigitEvaluator
-from kexue.diffusion.images import image_grid
-from kexue.diffusion.pretrained import ASSETS
-from kexue.diffusion.train import load_model
+from kexue.diffusion import DigitEvaluator, image_grid, load_images, sample
+from kexue.experiments.diffusion import QUALITY_HEADERS, quality_row, shipped_model
 from kexue.tour.report import Section, Table
 from kexue.tour.runner import SectionContext
 
@@ -43,7 +37,7 @@ def _rebuild_figure(ctx: SectionContext, model, schedule, digits: torch.Tensor, 
     fig, axes = plt.subplots(3, len(ts), figsize=(2.2 * len(ts), 6.4))
     for col, t in enumerate(ts):
         eps = torch.randn(digits.shape, generator=gen)
-        x_t = float(schedule.abar[t]) * digits + float(schedule.bbar[t]) * eps
+        x_t = schedule.add_noise(digits, eps, t)
         steps = sorted({max(1, round(t * k / 20)) for k in range(1, 21)})
         rebuilt = sample(
             model, schedule, digits.shape, steps=steps, eta=0.0, x_T=x_t, progress=False
@@ -60,9 +54,8 @@ def _rebuild_figure(ctx: SectionContext, model, schedule, digits: torch.Tensor, 
 
 
 def run(ctx: SectionContext) -> Section:
-    path = ASSETS / "mnist5k"
-    model, schedule = load_model(path)
-    info = json.loads((path / "config.json").read_text())
+    model = shipped_model()
+    schedule, info = model.schedule, model.info
     gen = torch.Generator().manual_seed(ctx.seed)
     ctx.step("sample grids", total=4 + 1 + 3)
     grids = _grid_figure(ctx, model, schedule, gen)
@@ -84,16 +77,14 @@ def run(ctx: SectionContext) -> Section:
             generator=gen,
             progress=False,
         )
-        q = evaluator(images)
-        rows.append([name, K, q.frechet, q.confidence, q.label_entropy, q.precision, q.recall])
+        rows.append([name, K, *quality_row(evaluator, images)])
         ctx.advance()
-    real = evaluator(data.train[:N_SCORED])
-    rows.append(["real training digits", "-", real.frechet, real.confidence, real.label_entropy,
-                 real.precision, real.recall])  # fmt: skip
+    real = quality_row(evaluator, data.train[:N_SCORED])
+    rows.append(["real training digits", "-", *real])
     table = Table(
         f"Sample quality, {N_SCORED} samples each, against the 1,000 held-out digits "
-        "(classifier features; see docs/benchmarks/diffusion.md for K up to 1000)",
-        ["sampler", "K", "Fréchet", "confidence", "label entropy", "precision", "recall"],
+        "(classifier features; see docs/benchmarks/diffusion.md for larger samples)",
+        ["sampler", "K", *QUALITY_HEADERS],
         rows,
     )
     numbers = {
@@ -106,7 +97,7 @@ def run(ctx: SectionContext) -> Section:
     verdict = (
         f"at K = 10, DDIM's Fréchet distance is {by[('DDIM', 10)][2]:.1f} against DDPM's "
         f"{by[('DDPM', 10)][2]:.1f}; DDIM at K = 25: {by[('DDIM', 25)][2]:.1f} "
-        f"(real digits: {real.frechet:.1f})"
+        f"(real digits: {real[0]:.1f})"
     )
     return Section(
         name=ctx.name,

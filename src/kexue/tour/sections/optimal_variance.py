@@ -7,17 +7,23 @@ per sampler. docs/benchmarks/optimal_variance.md has the larger runs.
 
 from __future__ import annotations
 
-import json
-
 import matplotlib.pyplot as plt
 import torch
 
-from kexue.diffusion import estimate_moments, fixed_variance, nll_bpd, optimal_variance, sample
-from kexue.diffusion.data import load_images
-from kexue.diffusion.evaluate import DigitEvaluator
-from kexue.diffusion.images import image_grid
-from kexue.diffusion.pretrained import ASSETS
-from kexue.diffusion.train import load_model
+from kexue.diffusion import (
+    DigitEvaluator,
+    estimate_moments,
+    image_grid,
+    load_images,
+    nll_bpd,
+    sample,
+)
+from kexue.experiments.diffusion import (
+    compared_samplers,
+    nll_variances,
+    plot_sbar2_estimates,
+    shipped_model,
+)
 from kexue.tour.report import Section, Table
 from kexue.tour.runner import SectionContext
 
@@ -39,24 +45,7 @@ def _gamma_figure(ctx: SectionContext, moments, steps: list[int]):
         ylabel="Gamma_t = E||eps_theta(x_t, t)||^2 / d",
         title="Gamma_t of the shipped model",
     )
-    for form, color in (("gamma", "C0"), ("moment", "C1"), ("mle", "C2")):
-        raw = moments.raw_sbar2(form)[idx].clamp_min(1e-7)
-        axes[1].plot(steps, raw, ".-", color=color, lw=0.8, label=f"{form} form (raw)")
-    axes[1].plot(
-        steps,
-        moments.sbar2("analytic")[idx].clamp_min(1e-7),
-        "k-",
-        lw=1.5,
-        label="default, clipped",
-    )
-    axes[1].plot(steps, moments.upper_bound()[idx], color="grey", ls="--", label="upper bound")
-    axes[1].set(
-        yscale="log",
-        xlabel="step t",
-        ylabel="sbar_t^2 (per pixel, [-1, 1] scale)",
-        title="E Var[x_0 | x_t], estimated from the moments",
-    )
-    axes[1].legend(fontsize=8)
+    plot_sbar2_estimates(axes[1], moments, steps)
     fig.tight_layout()
     return ctx.save_figure(
         fig, "gamma", f"Gamma_t and the estimates of sbar_t^2 ({moments.num_images} images per t)"
@@ -64,9 +53,8 @@ def _gamma_figure(ctx: SectionContext, moments, steps: list[int]):
 
 
 def run(ctx: SectionContext) -> Section:
-    path = ASSETS / "mnist5k"
-    model, schedule = load_model(path)
-    info = json.loads((path / "config.json").read_text())
+    model = shipped_model()
+    schedule, info = model.schedule, model.info
     data = load_images("mnist5k")
     gen = torch.Generator().manual_seed(ctx.seed)
     ctx.step("moments", total=1 + len(NLL_KS) + len(QUALITY_KS) + 1)
@@ -78,7 +66,7 @@ def run(ctx: SectionContext) -> Section:
         schedule,
         data.train,
         num_images=MOMENT_IMAGES,
-        steps=steps,
+        timesteps=steps,
         generator=gen,
         progress=False,
     )
@@ -89,9 +77,6 @@ def run(ctx: SectionContext) -> Section:
     nll_rows = []
     for K in NLL_KS:
         ctx.step(f"NLL bound, K = {K}")
-        analytic = optimal_variance(
-            moments, schedule, K, eta=1.0, last_step="decoder", cap_second_last=None
-        )
         res = nll_bpd(
             model,
             schedule,
@@ -99,7 +84,7 @@ def run(ctx: SectionContext) -> Section:
             steps=K,
             generator=gen,
             progress=False,
-            variance={"DDPM-small": "small", "DDPM-large": "large", "Analytic-DDPM": analytic},
+            variance=nll_variances(moments, schedule, K),
         )
         nll_rows.append([K, *(res[n].bpd for n in ("DDPM-small", "DDPM-large", "Analytic-DDPM"))])
         ctx.advance()
@@ -109,13 +94,7 @@ def run(ctx: SectionContext) -> Section:
     for K in QUALITY_KS:
         ctx.step(f"sampling and scoring {N_SCORED} digits per sampler, K = {K}")
         x_T = torch.randn((N_SCORED, 1, 28, 28), generator=gen)
-        samplers = [
-            ("DDPM", 1.0, fixed_variance(schedule, K, "small")),
-            ("Analytic-DDPM", 1.0, optimal_variance(moments, schedule, K, eta=1.0)),
-            ("DDIM", 0.0, None),
-            ("Analytic-DDIM", 0.0, optimal_variance(moments, schedule, K, eta=0.0)),
-        ]
-        for name, eta, var in samplers:
+        for name, eta, var in compared_samplers(moments, schedule, K):
             images = sample(
                 model,
                 schedule,

@@ -1,0 +1,233 @@
+"""Experiments on the shipped diffusion model, shared by the tour and the benchmarks.
+
+The tour's ``diffusion`` and ``optimal-variance`` sections and ``benchmarks/diffusion_sampling.py``
+/ ``benchmarks/optimal_variance.py`` run the same experiments at different sizes: loading the
+shipped model, the samplers compared (fixed against optimal variances), the variances scored by
+the NLL bound, sample-quality rows, throughput, the exact Gaussian-mixture testbed on digits, and
+the plot of the ``sbar_t^2`` estimates. Each function takes its randomness explicitly (a
+generator, a seed or ``x_T``), so callers keep their own order of random draws.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kexue.diffusion import (
+    DiffusionMoments,
+    DiffusionTrainConfig,
+    DigitEvaluator,
+    NoiseSchedule,
+    Trainer,
+    UNet,
+    classify,
+    fixed_variance,
+    frechet_distance,
+    optimal_variance,
+    sample,
+)
+from kexue.testing.diffusion import GaussianMixture
+
+SHIPPED = "mnist5k"
+IMAGE_SHAPE = (1, 28, 28)
+FORMS = ("gamma", "moment", "mle")
+QUALITY_HEADERS = ["Fréchet", "confidence", "label entropy", "precision", "recall"]
+
+
+def shipped_model(device: torch.device | str | None = None) -> UNet:
+    """The shipped MNIST-5k model (EMA weights, eval mode), with ``schedule`` and ``info``."""
+    model = UNet.from_pretrained(SHIPPED)
+    return model if device is None else model.to(device)
+
+
+def quality_row(evaluator: DigitEvaluator, images: Tensor) -> list[float]:
+    """``[Fréchet, confidence, label entropy, precision, recall]`` of ``images`` (see
+    :data:`QUALITY_HEADERS`)."""
+    q = evaluator(images)
+    return [q.frechet, q.confidence, q.label_entropy, q.precision, q.recall]
+
+
+def frechet_bootstrap_se(
+    evaluator: DigitEvaluator, images: Tensor, reps: int, seed: int = 0
+) -> float:
+    """Bootstrap standard error of the Fréchet distance over the generated images."""
+    if reps < 2:
+        return 0.0
+    feats, _ = classify(evaluator.classifier, images)
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(reps):
+        idx = torch.randint(0, len(feats), (len(feats),), generator=gen)
+        values.append(frechet_distance(feats[idx], evaluator.reference_features))
+    return float(torch.tensor(values).std())
+
+
+def compared_samplers(
+    moments: DiffusionMoments, schedule: NoiseSchedule, K: int
+) -> list[tuple[str, float, Tensor | None]]:
+    """``(name, eta, variance)`` of the four samplers compared at ``K`` steps: DDPM (its small
+    variance), Analytic-DDPM, DDIM and Analytic-DDIM (the optimal variance for each eta)."""
+    return [
+        ("DDPM", 1.0, fixed_variance(schedule, K, "small")),
+        ("Analytic-DDPM", 1.0, optimal_variance(moments, schedule, K, eta=1.0)),
+        ("DDIM", 0.0, None),
+        ("Analytic-DDIM", 0.0, optimal_variance(moments, schedule, K, eta=0.0)),
+    ]
+
+
+def decoder_variance(
+    moments: DiffusionMoments,
+    schedule: NoiseSchedule,
+    steps: int | Sequence[int] | None,
+    kind: str = "analytic",
+) -> Tensor:
+    """The optimal variance as the NLL bound needs it: eta = 1, a decoder at the last jump,
+    no second-to-last cap."""
+    return optimal_variance(
+        moments, schedule, steps, kind=kind, eta=1.0, last_step="decoder", cap_second_last=None
+    )
+
+
+def nll_variances(
+    moments: DiffusionMoments,
+    schedule: NoiseSchedule,
+    steps: int | Sequence[int] | None,
+    *,
+    mle: bool = False,
+) -> dict[str, str | Tensor]:
+    """The variances whose NLL bounds are compared (scored on the same draws by ``nll_bpd``):
+    DDPM's small and large ones and Analytic-DDPM (and its imperfect-mean form if ``mle``)."""
+    out: dict[str, str | Tensor] = {
+        "DDPM-small": "small",
+        "DDPM-large": "large",
+        "Analytic-DDPM": decoder_variance(moments, schedule, steps),
+    }
+    if mle:
+        out["Analytic-DDPM (MLE)"] = decoder_variance(moments, schedule, steps, "analytic-mle")
+    return out
+
+
+def generate(
+    eps_model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    K: int,
+    eta: float,
+    variance: Any,
+    n: int,
+    seed: int,
+) -> Tensor:
+    """``n`` samples of 28x28 digits, returned on the CPU: ``x_T`` and the per-step noise come
+    from one CPU generator seeded ``seed`` (so every device starts from the same ``x_T``; on
+    an accelerator the per-step noise comes from a generator of that device)."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(eps_model.parameters()).device
+    x_T = torch.randn((n, *IMAGE_SHAPE), generator=gen).to(device)
+    if device.type != "cpu":
+        gen = torch.Generator(device).manual_seed(seed)
+    images = sample(
+        eps_model,
+        schedule,
+        (n, *IMAGE_SHAPE),
+        steps=K if K < schedule.T else None,
+        eta=eta,
+        variance=variance,
+        x_T=x_T,
+        generator=gen,
+        progress=False,
+    )
+    return images.cpu()
+
+
+def training_images_per_s(steps: int, data: str = SHIPPED) -> float:
+    """Training throughput (images/s) of the default U-Net at batch 64 after 2 warm-up steps
+    (a throw-away run folder; nothing is kept)."""
+    with tempfile.TemporaryDirectory(prefix="kexue-train-speed-") as out:
+        config = DiffusionTrainConfig(data=data, steps=2, ckpt_every=10**6, sample_every=0)
+        trainer = Trainer(config, out)
+        trainer.train(progress=False)  # warm-up
+        trainer.config.steps = 2 + steps
+        return trainer.train(progress=False)["images_per_s"]
+
+
+def forward_images_per_s(model: torch.nn.Module, batch: int = 250, repeats: int = 3) -> float:
+    """Forward (inference) throughput of ``model`` on 28x28 digits, images/s."""
+    device = next(model.parameters()).device
+    x = torch.randn(batch, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
+    t = torch.randint(1, 1001, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        model(x, t)
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x, t)
+        sync()
+    return repeats * batch / (time.perf_counter() - start)
+
+
+def digit_mixture(images: Tensor, labels: Tensor, std: float = 0.25) -> GaussianMixture:
+    """The exact testbed on digits: 10 isotropic Gaussians at the class means of ``images``,
+    weighted by the class frequencies, each with standard deviation ``std``."""
+    means = torch.stack([images[labels == c].double().mean(0) for c in range(10)])
+    weights = torch.bincount(labels, minlength=10).double()
+    return GaussianMixture(weights, means, std)
+
+
+def mixture_truth(
+    mixture: GaussianMixture,
+    schedule: NoiseSchedule,
+    steps: Sequence[int],
+    n: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """``E Var[x_0 | x_t]`` averaged over dimensions at each of ``steps`` (Monte Carlo over
+    ``n`` draws of ``x_t``, the conditional variance exact per draw), float64."""
+    return torch.tensor(
+        [float(mixture.true_sbar2(schedule, t, n, generator)[0].mean()) for t in steps],
+        dtype=torch.float64,
+    )
+
+
+def plot_sbar2_estimates(
+    ax: Any, moments: DiffusionMoments, steps: Sequence[int], style: str = ".-"
+) -> None:
+    """The three raw estimates of ``sbar_t^2`` (Gamma, moment and MLE forms), the default
+    clipped one and the upper bound against ``t``, on a log axis (``style``: the raw forms'
+    matplotlib format, ``"-"`` for many steps)."""
+    idx = torch.tensor(list(steps)) - 1
+    for form, color in zip(FORMS, ("C0", "C1", "C2"), strict=True):
+        raw = moments.raw_sbar2(form)[idx].clamp_min(1e-7)
+        ax.plot(steps, raw, style, color=color, lw=0.8, label=f"{form} form (raw)")
+    default = moments.sbar2("analytic")[idx].clamp_min(1e-7)
+    ax.plot(steps, default, "k-", lw=1.5, label="default, clipped")
+    ax.plot(steps, moments.upper_bound()[idx], color="grey", ls="--", label="upper bound")
+    ax.set(
+        yscale="log",
+        xlabel="step t",
+        ylabel="sbar_t^2 (per pixel, [-1, 1] scale)",
+        title="E Var[x_0 | x_t], estimated from the moments",
+    )
+    ax.legend(fontsize=8)
+
+
+def first_true_step(mask: Tensor) -> int | None:
+    """The first ``t`` (1-based) where ``mask`` holds, or None."""
+    hits = mask.nonzero()
+    return int(hits[0]) + 1 if len(hits) else None
+
+
+def log_interpolated_crossing(points: Sequence[tuple[int, float]], target: float) -> float | None:
+    """The ``K`` at which a decreasing curve ``(K, value)`` first reaches ``target``,
+    interpolated linearly in ``(log K, log value)`` between the bracketing points."""
+    for (k0, v0), (k1, v1) in itertools.pairwise(points):
+        if v0 > target >= v1:
+            frac = (math.log(v0) - math.log(target)) / (math.log(v0) - math.log(v1))
+            return math.exp(math.log(k0) + frac * (math.log(k1) - math.log(k0)))
+    return None
