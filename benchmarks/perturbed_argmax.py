@@ -1,24 +1,25 @@
-"""Benchmark of kexue.distributions -> docs/benchmarks/distributions.md (+ two PNGs).
+"""Benchmark of kexue.distributions -> docs/benchmarks/distributions.md (+ JSON, PNG).
 
 1. Accuracy: max |p - p_ref| against the number of nodes K for the article's equal-weight rule,
    Gauss–Legendre and tanh-sinh (kexue's default), normal noise, batch 64 x n in
-   {10, 100, 1000}; the reference is scipy's adaptive quadrature (``quad_vec``) in float64.
-   The other families at n = 100.
+   {10, 100, 1000}; the reference is scipy's adaptive quadrature (``quad_vec``) in float64
+   (``kexue.testing.perturbed_argmax``). The other families at n = 30.
 2. Speed at equal error, CPU float64, in one process: kexue against Monte Carlo frequencies of
    ``argmax(mu + eps)`` (torch, same threads) and against the scipy reference itself.
 3. Cost as a classification head: float32 forward + backward against softmax.
 
-Usage: python benchmarks/perturbed_argmax.py [--quick]
+Plans: ``smoke`` (small sizes, what the slow test runs), ``default`` (the page).
+Usage: ``python benchmarks/perturbed_argmax.py --plan default`` (takes the CPU lock),
+``--render-only``.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import math
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -27,22 +28,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from _common import Table, machine_line, main, markdown_table, median_ms
 from kexue.distributions import (
     perturbed_argmax_cross_entropy,
     perturbed_argmax_log_probs,
     perturbed_argmax_probs,
     uniform,
 )
-from kexue.experiments.machine import machine_info
-from kexue.experiments.tables import Table, markdown_table
-from kexue.experiments.timing import median_ms
+from kexue.testing.perturbed_argmax import reference_probs as scipy_probs
 
-ROOT = Path(__file__).resolve().parents[1]
-# the independent float64 reference of the tests (scipy adaptive quadrature, nothing from kexue)
-sys.path.insert(0, str(ROOT / "tests" / "distributions"))
-from perturbed_argmax_reference import reference_probs as scipy_probs  # noqa: E402
-
-DOCS = ROOT / "docs" / "benchmarks"
 BATCH = 64
 SCALES = (0.3, 1.0, 3.0)  # score spreads, cycled over the rows of a batch
 RULES = ("midpoint", "gauss-legendre", "tanh-sinh")
@@ -53,7 +47,24 @@ RULE_LABEL = {
 }
 KS = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 GOAL_ERROR = 1e-6
-FAMILY_N = 30  # Laplace/uniform references split at every kink: n(n-1) pieces
+PLANS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "sizes": {10: 4, 100: 2},
+        "family_n": 6,
+        "family_rows": 2,
+        "mc_samples": {10: 20_000, 100: 5_000},
+        "head_sizes": (10, 100),
+        "min_run_time": 0.05,
+    },
+    "default": {
+        "sizes": {10: BATCH, 100: 16, 1000: 4},
+        "family_n": 30,  # Laplace/uniform references split at every kink: n(n-1) pieces
+        "family_rows": 8,
+        "mc_samples": {10: 200_000, 100: 50_000, 1000: 10_000},
+        "head_sizes": (10, 100, 1000),
+        "min_run_time": 1.0,
+    },
+}
 
 
 def scores(n: int, rows: int, seed: int) -> torch.Tensor:
@@ -261,7 +272,24 @@ HEAD_HEADERS = [
 # Figures and document -------------------------------------------------------------------------
 
 
-def convergence_plot(conv: dict, fams: dict, path: Path) -> None:
+def measure(plan: str, args: argparse.Namespace) -> dict[str, Any]:
+    cfg = PLANS[plan]
+    conv = convergence(cfg["sizes"])
+    fams = families(cfg["family_n"], cfg["family_rows"])
+    spd = speed(conv, cfg["min_run_time"], cfg["mc_samples"])
+    head = head_cost(cfg["head_sizes"], cfg["min_run_time"])
+    conv.pop("mu"), conv.pop("ref")
+    return {
+        "ks": list(KS),
+        "convergence": conv,
+        "family_n": cfg["family_n"],
+        "families": fams,
+        "speed": spd,
+        "head": head,
+    }
+
+
+def convergence_plot(conv: dict, fams: dict, family_n: int, path: Path) -> None:
     sizes = list(conv["errors"])
     cols = 2
     rows = math.ceil((len(sizes) + 1) / cols)
@@ -286,7 +314,7 @@ def convergence_plot(conv: dict, fams: dict, path: Path) -> None:
             KS, np.maximum(errs["gauss-legendre"], 1e-17), "--", lw=1, color=line[0].get_color()
         )
     ax.set_title(
-        f"all families, n = {FAMILY_N} (solid: default rule, dashed: Gauss–Legendre)", fontsize=8
+        f"all families, n = {family_n} (solid: default rule, dashed: Gauss–Legendre)", fontsize=8
     )
     ax.set_xlabel("quadrature nodes K")
     ax.set_ylabel("max |p - p_ref| (probability)")
@@ -325,60 +353,30 @@ def goal_lines(conv: dict, spd: dict) -> list[str]:
     return lines
 
 
-def lock_note(path: str = "/tmp/kexue-heavy.lock") -> str:
-    """Whether the machine's shared benchmark lock was held while this ran (by `flock`)."""
-    try:
-        with open(path, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    except BlockingIOError:
-        return f"run as `flock {path} ...`, so no other benchmark shared the CPU"
-    except OSError:
-        return "no shared lock on this machine"
-    return f"NOT run under the shared lock {path}: timings may be disturbed"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    args = parser.parse_args()
-    t_start = time.perf_counter()
-    sizes = {10: 8, 100: 4} if args.quick else {10: BATCH, 100: 16, 1000: 4}
-    mc_samples = (
-        {10: 20_000, 100: 10_000, 1000: 2_000}
-        if args.quick
-        else {
-            10: 200_000,
-            100: 50_000,
-            1000: 10_000,
-        }
-    )
-    min_run = 0.2 if args.quick else 1.0
-    print("accuracy ...", flush=True)
-    conv = convergence(sizes)
-    fams = families(FAMILY_N, 4 if args.quick else 8)
-    print("speed ...", flush=True)
-    spd = speed(conv, min_run, mc_samples)
-    print("head cost ...", flush=True)
-    head = head_cost((10, 100) if args.quick else (10, 100, 1000), min_run)
-
-    DOCS.mkdir(parents=True, exist_ok=True)
-    convergence_plot(conv, fams, DOCS / "distributions-convergence.png")
-    machine = machine_info()
+def render(results: dict[str, Any], out: Path) -> str:
+    conv, fams, spd, head = (results[k] for k in ("convergence", "families", "speed", "head"))
+    conv["errors"] = {int(n): e for n, e in conv["errors"].items()}  # JSON keys are strings
+    conv["rows"] = {int(n): r for n, r in conv["rows"].items()}
+    family_n = results["family_n"]
+    convergence_plot(conv, fams, family_n, out / "distributions-convergence.png")
     conv_rows = [
         [f"{n}", RULE_LABEL[rule], *errs[rule]]
         for n, errs in conv["errors"].items()
         for rule in RULES
     ]
     fam_rows = [[family, rule, *e[rule]] for family, e in fams.items() for rule in e]
-    command = f"python benchmarks/perturbed_argmax.py{' --quick' if args.quick else ''}"
     lines = [
         "# Benchmark: perturbed-argmax probability maps (kexue.distributions)",
         "",
-        f"Machine: {machine['summary']}; {machine['os']}.  ",
-        f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, {time.perf_counter() - t_start:.0f} s "
-        f"in all; {lock_note()}).",
+        machine_line(results["machine"]) + "  ",
+        f"Command: `{results['command']}` ({results['date']}, plan `{results['plan']}`, "
+        f"{results['seconds']:.0f} s in all).",
         "",
+        *(
+            ["**Smoke plan**: tiny sizes; these numbers check the code.", ""]
+            if results["plan"] == "smoke"
+            else []
+        ),
         "Scores: `mu ~ N(0, s^2)` with `s` cycling through 0.3, 1, 3 over the rows of a batch. "
         "Error: the largest `|p_i - p_ref,i|` over the classes and the reference rows. "
         "Reference `p_ref`: scipy's adaptive Gauss–Kronrod `quad_vec` in float64 of "
@@ -403,7 +401,7 @@ def main() -> None:
         "",
         markdown_table(Table("", ["n", "rule", *[f"K={k}" for k in KS]], conv_rows)),
         "",
-        f"### Every family, n = {FAMILY_N}, default rule and Gauss–Legendre",
+        f"### Every family, n = {family_n}, default rule and Gauss–Legendre",
         "",
         "Uniform noise has width 1 and scores scaled by 0.3 so that several classes stay "
         "within reach of the maximum; Laplace and uniform integrands have one kink per class, "
@@ -436,9 +434,8 @@ def main() -> None:
         markdown_table(Table("", HEAD_HEADERS, head)),
         "",
     ]
-    (DOCS / "distributions.md").write_text("\n".join(lines))
-    print((DOCS / "distributions.md").read_text())
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    main("distributions", measure, render, plans=tuple(PLANS), description=__doc__.split("\n")[0])

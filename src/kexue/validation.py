@@ -8,11 +8,13 @@ deep inside torch. Private helpers trust their callers.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -32,15 +34,20 @@ __all__ = [
     "check_float_tensor",
     "check_generator",
     "check_int",
+    "check_mask",
     "check_model_output",
     "check_real",
     "check_same_device",
+    "check_sample_shape",
     "check_shape",
     "check_tensor",
     "describe",
+    "renamed_arguments",
 ]
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def describe(value: object) -> str:
@@ -284,3 +291,57 @@ def check_class_labels(
             f"{allowed}, got {bad}"
         )
     return labels
+
+
+def check_mask(mask: object, shape: Sequence[int], name: str = "mask", target: str = "x") -> Tensor:
+    """A boolean tensor (``True`` = keep) that broadcasts to ``shape``, the shape of ``target``."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = f"dtype {mask.dtype}" if isinstance(mask, Tensor) else describe(mask)
+        raise TypeError(f"{name} must be a boolean tensor (True = keep), got {got}")
+    return check_broadcast(mask, shape, name, target)
+
+
+def check_sample_shape(shape: object, name: str = "sample_shape") -> tuple[int, ...]:
+    """An int or a sequence of non-negative ints (empty allowed), like torch's ``sample_shape``."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool | np.bool_):
+        shape = (shape,)
+    if isinstance(shape, str | bytes) or not isinstance(shape, Sequence | torch.Size):
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {describe(shape)}")
+    out = []
+    for size in shape:
+        if isinstance(size, bool | np.bool_) or not isinstance(size, numbers.Integral):
+            raise TypeError(f"{name} must be an int or a sequence of ints, got {shape!r}")
+        out.append(operator.index(size))
+    if any(s < 0 for s in out):
+        raise ValueError(f"{name} must not hold negative sizes, got {tuple(out)}")
+    return tuple(out)
+
+
+def renamed_arguments(**renames: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Keep old keyword names of a public function working: ``@renamed_arguments(old="new")``.
+
+    A call with ``old=...`` warns with a ``DeprecationWarning`` naming both and passes the value
+    as ``new``; giving both is a ``TypeError``.
+    """
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(
+                            f"{fn.__qualname__}() got both {new!r} and its deprecated name {old!r}"
+                        )
+                    warnings.warn(
+                        f"{fn.__qualname__}(): the argument {old!r} is now called {new!r}; "
+                        f"{old!r} will be removed in a future release",
+                        DeprecationWarning,
+                        stacklevel=2,
+                    )
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate

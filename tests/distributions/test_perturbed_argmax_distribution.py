@@ -7,20 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from perturbed_argmax_reference import reference_probs
 from scipy import stats
 
 from kexue.distributions import NOISE_NAMES, PerturbedArgmax, uniform
+from kexue.testing.perturbed_argmax import reference_probs
 
 F64 = torch.float64
 
 
-def _mu(shape: tuple[int, ...], seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64) * scale
-
-
-def test_probs_and_logits_match_the_reference() -> None:
-    mu = _mu((2, 5))
+def test_probs_and_logits_match_the_reference(random_mu) -> None:
+    mu = random_mu((2, 5))
     dist = PerturbedArgmax(mu, "normal", num_nodes=64)
     assert dist.batch_shape == (2,) and dist.event_shape == ()
     for row in range(2):
@@ -30,9 +26,9 @@ def test_probs_and_logits_match_the_reference() -> None:
 
 
 @pytest.mark.parametrize("family", NOISE_NAMES)
-def test_exact_samples_follow_probs(family: str) -> None:
+def test_exact_samples_follow_probs(random_mu, family: str) -> None:
     """Chi-square goodness of fit of 100k exact draws argmax(mu + eps) against probs."""
-    mu = _mu((4,), seed=1, scale=0.7)
+    mu = random_mu((4,), seed=1, scale=0.7)
     dist = PerturbedArgmax(mu, family, num_nodes=64)
     draws = dist.sample((100_000,), generator=torch.Generator().manual_seed(2))
     assert draws.shape == (100_000,) and draws.dtype == torch.long
@@ -44,8 +40,8 @@ def test_exact_samples_follow_probs(family: str) -> None:
     assert pvalue > 1e-3
 
 
-def test_sampling_uses_only_the_generator() -> None:
-    dist = PerturbedArgmax(_mu((3, 6)), "logistic")
+def test_sampling_uses_only_the_generator(random_mu) -> None:
+    dist = PerturbedArgmax(random_mu((3, 6)), "logistic")
     state = torch.random.get_rng_state()
     a = dist.sample((50,), generator=torch.Generator().manual_seed(4))
     b = dist.sample((50,), generator=torch.Generator().manual_seed(4))
@@ -53,8 +49,8 @@ def test_sampling_uses_only_the_generator() -> None:
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
-def test_log_prob_entropy_and_mode() -> None:
-    mu = _mu((3, 5), seed=5)
+def test_log_prob_entropy_and_mode(random_mu) -> None:
+    mu = random_mu((3, 5), seed=5)
     dist = PerturbedArgmax(mu, "laplace", num_nodes=64)
     value = torch.tensor([4, 0, 2])
     expected = [math.log(reference_probs(mu[i].numpy(), "laplace")[v]) for i, v in enumerate(value)]
@@ -78,8 +74,8 @@ def test_entropy_with_exact_zeros_is_finite_with_finite_gradient() -> None:
     assert torch.isfinite(mu.grad).all()
 
 
-def test_relaxed_sample_tends_to_the_exact_sample() -> None:
-    mu = _mu((2, 6), seed=6).requires_grad_()
+def test_relaxed_sample_tends_to_the_exact_sample(random_mu) -> None:
+    mu = random_mu((2, 6), seed=6).requires_grad_()
     dist = PerturbedArgmax(mu, "normal")
     soft = dist.rsample_relaxed(0.5, (1000,), generator=torch.Generator().manual_seed(7))
     assert soft.shape == (1000, 2, 6)

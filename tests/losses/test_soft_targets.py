@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from kexue.losses import label_smoothing, mixup
-from kexue.losses.soft_targets import sample_beta
+from kexue.losses import label_smoothing, mixup, sample_beta
 
 F64 = torch.float64
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # Label smoothing --------------------------------------------------------------------------------
@@ -35,8 +31,8 @@ def test_label_smoothing_hand_examples() -> None:
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.05, 0.3, 1.0])
-def test_label_smoothing_range(alpha: float) -> None:
-    t = torch.rand(50, 20, generator=_gen(0), dtype=F64)
+def test_label_smoothing_range(gen, alpha: float) -> None:
+    t = torch.rand(50, 20, generator=gen(0), dtype=F64)
     t[0, :2] = torch.tensor([0.0, 1.0], dtype=F64)
     out = label_smoothing(t, alpha)
     assert out.min().item() >= alpha / 2 - 1e-15
@@ -50,9 +46,9 @@ def test_label_smoothing_errors() -> None:
     for bad in (-0.1, 1.5, math.nan):
         with pytest.raises(ValueError, match="alpha"):
             label_smoothing(t, bad)
-    with pytest.raises(ValueError, match="targets"):
+    with pytest.raises(ValueError, match="target"):
         label_smoothing(t + 1.0, 0.1)
-    with pytest.raises(TypeError, match="targets"):
+    with pytest.raises(TypeError, match="target"):
         label_smoothing(torch.ones(3, 4, dtype=torch.long), 0.1)
 
 
@@ -82,11 +78,11 @@ def _recover(mixed: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 
 @pytest.mark.parametrize("alpha", [0.4, 1.0, 2.0])
-def test_mixup_is_a_convex_mix_with_a_permutation(alpha: float) -> None:
+def test_mixup_is_a_convex_mix_with_a_permutation(gen, alpha: float) -> None:
     b, n = 16, 5
     x = torch.eye(b, dtype=F64).reshape(b, 1, b).expand(b, 3, b).clone()  # extra dim: 3 copies
-    t = torch.rand(b, n, generator=_gen(1), dtype=F64)
-    x_mix, t_mix = mixup(x, t, alpha, generator=_gen(2))
+    t = torch.rand(b, n, generator=gen(1), dtype=F64)
+    x_mix, t_mix = mixup(x, t, alpha, generator=gen(2))
     assert x_mix.shape == x.shape and t_mix.shape == t.shape
     assert torch.equal(x_mix[:, 0], x_mix[:, 2])
     lam, perm = _recover(x_mix[:, 0])
@@ -100,11 +96,11 @@ def test_mixup_is_a_convex_mix_with_a_permutation(alpha: float) -> None:
     assert t_mix.min().item() >= 0.0 and t_mix.max().item() <= 1.0
 
 
-def test_mixup_per_sample() -> None:
+def test_mixup_per_sample(gen) -> None:
     b = 32
     x = torch.eye(b, dtype=F64)
-    t = (torch.rand(b, 6, generator=_gen(3)) < 0.3).float()
-    x_mix, t_mix = mixup(x, t, 1.0, generator=_gen(4), per_sample=True)
+    t = (torch.rand(b, 6, generator=gen(3)) < 0.3).float()
+    x_mix, t_mix = mixup(x, t, 1.0, generator=gen(4), per_sample=True)
     lam, perm = _recover(x_mix)
     known = lam[~lam.isnan()]
     assert known.unique().numel() > 1, "per-sample mixup draws one lam per row"
@@ -115,20 +111,39 @@ def test_mixup_per_sample() -> None:
     assert t_mix.min().item() >= 0.0 and t_mix.max().item() <= 1.0
 
 
-def test_mixup_bool_targets_become_soft() -> None:
-    x = torch.randn(10, 4, generator=_gen(5))
-    t = torch.rand(10, 7, generator=_gen(6)) < 0.5
-    _, t_mix = mixup(x, t, 0.5, generator=_gen(7))
+@pytest.mark.parametrize("alpha", [0.4, 2.0])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_mixup_lambda_follows_beta_alpha_alpha(gen, alpha: float, per_sample: bool) -> None:
+    """The mixing weights recovered from one-hot inputs follow Beta(alpha, alpha): a
+    Kolmogorov-Smirnov test against scipy's Beta CDF (the symmetric law, not Beta(alpha, 1))."""
+    stats = pytest.importorskip("scipy.stats")
+    b, draws = (64, []) if per_sample else (4, [])
+    g = gen(21)
+    x, t = torch.eye(b, dtype=F64), torch.zeros(b, 1, dtype=F64)
+    for _ in range(40 if per_sample else 600):
+        mixed = mixup(x, t, alpha, generator=g, per_sample=per_sample)[0]
+        moved = (mixed != 0).sum(1) == 2  # rows mixed with another row: lam_i = mixed[i, i]
+        lam = mixed.diagonal()[moved]
+        draws += lam.tolist() if per_sample else lam[:1].tolist()
+    assert len(draws) > 500
+    assert stats.kstest(draws, stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+    assert abs(float(np.mean(draws)) - 0.5) < 0.03  # symmetric: Beta(alpha, 1) has mean < 0.5
+
+
+def test_mixup_bool_targets_become_soft(gen) -> None:
+    x = torch.randn(10, 4, generator=gen(5))
+    t = torch.rand(10, 7, generator=gen(6)) < 0.5
+    _, t_mix = mixup(x, t, 0.5, generator=gen(7))
     assert t_mix.is_floating_point()
     assert t_mix.min().item() >= 0.0 and t_mix.max().item() <= 1.0
 
 
-def test_mixup_reproducible_with_generator() -> None:
-    x = torch.randn(20, 8, generator=_gen(8))
-    t = torch.rand(20, 3, generator=_gen(9))
-    a = mixup(x, t, 0.7, generator=_gen(123))
-    b = mixup(x, t, 0.7, generator=_gen(123))
-    c = mixup(x, t, 0.7, generator=_gen(124))
+def test_mixup_reproducible_with_generator(gen) -> None:
+    x = torch.randn(20, 8, generator=gen(8))
+    t = torch.rand(20, 3, generator=gen(9))
+    a = mixup(x, t, 0.7, generator=gen(123))
+    b = mixup(x, t, 0.7, generator=gen(123))
+    c = mixup(x, t, 0.7, generator=gen(124))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
 
@@ -143,7 +158,7 @@ def test_mixup_errors() -> None:
         mixup(x, torch.rand(5, 2), 1.0)
     with pytest.raises(TypeError, match="x"):
         mixup(torch.ones(4, 3, dtype=torch.long), t, 1.0)
-    with pytest.raises(ValueError, match="targets"):
+    with pytest.raises(ValueError, match="target"):
         mixup(x, t + 2.0, 1.0)
 
 
@@ -155,9 +170,9 @@ def _beta_raw_moment(a: float, b: float, k: int) -> float:
 
 
 @pytest.mark.parametrize("a,b", [(0.2, 0.2), (0.5, 2.0), (1.0, 1.0), (2.0, 5.0), (0.3, 4.0)])
-def test_sample_beta_moments(a: float, b: float) -> None:
+def test_sample_beta_moments(gen, a: float, b: float) -> None:
     size = 200_000
-    x = sample_beta(a, b, size, generator=_gen(10))
+    x = sample_beta(a, b, size, generator=gen(10))
     assert x.shape == (size,) and x.dtype == F64
     assert x.min().item() >= 0.0 and x.max().item() <= 1.0
     m1, m2, m3, m4 = (_beta_raw_moment(a, b, k) for k in (1, 2, 3, 4))
@@ -167,12 +182,12 @@ def test_sample_beta_moments(a: float, b: float) -> None:
     assert abs(x.var().item() - var) <= 4 * math.sqrt((mu4 - var**2) / size)
 
 
-def test_sample_beta_reproducible_and_errors() -> None:
+def test_sample_beta_reproducible_and_errors(gen) -> None:
     assert torch.equal(
-        sample_beta(0.5, 0.5, 10, generator=_gen(1)), sample_beta(0.5, 0.5, 10, generator=_gen(1))
+        sample_beta(0.5, 0.5, 10, generator=gen(1)), sample_beta(0.5, 0.5, 10, generator=gen(1))
     )
     assert not torch.equal(
-        sample_beta(0.5, 0.5, 10, generator=_gen(1)), sample_beta(0.5, 0.5, 10, generator=_gen(2))
+        sample_beta(0.5, 0.5, 10, generator=gen(1)), sample_beta(0.5, 0.5, 10, generator=gen(2))
     )
     for a, b in ((0.0, 1.0), (1.0, -1.0)):
         with pytest.raises(ValueError, match="Beta"):

@@ -1,9 +1,9 @@
-"""Property tests (float64) of the six inequalities of ``shared/reference/logsumexp.md``.
+"""Property tests (float64) of the six inequalities of ``docs/guides/ops.md``.
 
-Every expected value is computed here with numpy in float64 (``_lse_ref`` and friends), never
-with the library. Tolerances: a non-strict inequality may be violated by ``1e-12`` times the
-magnitude of the quantities involved (rounding); a strict inequality is only asserted when the
-true gap is several ulps wide, i.e. representable in float64.
+Every expected value is computed in float64 by ``kexue.testing.logsumexp`` (``math.fsum`` over
+explicit terms), never with the library. Tolerances: a non-strict inequality may be violated by
+``1e-12`` times the magnitude of the quantities involved (rounding); a strict inequality is only
+asserted when the true gap is several ulps wide, i.e. representable in float64.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from kexue.ops import logsumexp, logsumexp_bounds, logsumexp_lower_bound, smooth_max
+from kexue.testing.logsumexp import lse_terms, renyi_entropy_ref, weighted_sum_ref
 
 N_EXAMPLES = 1000
 REL = 1e-12
@@ -47,11 +48,6 @@ def vector_and_probs(draw) -> tuple[np.ndarray, np.ndarray]:
     if raw.sum() <= 0.0:
         raw[draw(st.integers(0, len(x) - 1))] = 1.0
     return x, raw / raw.sum()
-
-
-def _lse_ref(x: np.ndarray) -> float:
-    m = float(np.max(x))
-    return m + math.log(math.fsum(np.exp(x - m)))
 
 
 def _slack(*values: float) -> float:
@@ -87,7 +83,7 @@ def test_basic_bounds(x: np.ndarray) -> None:
     assert abs(upper.item() - (x_max + math.log(n))) <= _slack(x_max, math.log(n))
     tol = _slack(x_max, math.log(n))
     assert x_max - tol <= lse <= x_max + math.log(n) + tol
-    assert abs(lse - _lse_ref(x)) <= tol
+    assert abs(lse - lse_terms(x)) <= tol
     if n >= 2:
         gap = math.log1p(math.exp(-_second_gap(x)))  # lse - x_max >= this
         if _visible(gap, x_max):
@@ -118,7 +114,7 @@ def test_temperature_bound(x: np.ndarray, log_tau: float) -> None:
     tau = 10.0**log_tau
     n, x_max = len(x), float(np.max(x))
     sm = smooth_max(torch.from_numpy(x), tau=tau).item()
-    ref = tau * _lse_ref(x / tau)
+    ref = tau * lse_terms(x / tau)
     tol = _slack(x_max, tau * math.log(n), tau)
     assert abs(sm - ref) <= tol
     assert x_max - tol <= sm <= x_max + tau * math.log(n) + tol
@@ -140,7 +136,7 @@ def test_smooth_max_with_max_error(x: np.ndarray, log_err: float) -> None:
         return
     # The documented temperature: tau = max_error / log n.
     tau = err / math.log(n)
-    assert abs(sm - tau * _lse_ref(x / tau)) <= tol
+    assert abs(sm - tau * lse_terms(x / tau)) <= tol
     assert x_max - tol <= sm <= x_max + err + tol
     gap = tau * math.log1p(math.exp(-_second_gap(x) / tau))
     if _visible(gap, x_max, tau):
@@ -168,23 +164,9 @@ def test_mean_bound(x: np.ndarray) -> None:
 # 4. Weighted bounds --------------------------------------------------------------------------
 
 
-def _weighted(x: np.ndarray, p: np.ndarray) -> float:
-    nz = p > 0
-    return math.fsum(p[nz] * x[nz])
-
-
-def _renyi_ref(p: np.ndarray, order: float) -> float:
-    q = p[p > 0]
-    if order == 1.0:
-        return -math.fsum(q * np.log(q))
-    if math.isinf(order):
-        return -math.log(float(np.max(q)))
-    return -math.log(math.fsum(q**order)) / (order - 1.0)
-
-
 def _check_weighted_bound(x: np.ndarray, p: np.ndarray, order: float) -> float:
     """Checks the library's bound against numpy and against lse; returns the bound."""
-    ref = _weighted(x, p) + _renyi_ref(p, order)
+    ref = weighted_sum_ref(x, p) + renyi_entropy_ref(p, order)
     got = logsumexp_lower_bound(torch.from_numpy(x), torch.from_numpy(p), order=order).item()
     tol = _slack(float(np.max(np.abs(x))), math.log(len(x)), 1.0)
     assert abs(got - ref) <= tol
@@ -198,7 +180,7 @@ def test_cauchy_schwarz_bound(xp: tuple[np.ndarray, np.ndarray]) -> None:
     x, p = xp
     bound = _check_weighted_bound(x, p, 2.0)
     # The explicit form of the reference: sum p x - log sum p^2.
-    explicit = _weighted(x, p) - math.log(math.fsum(p**2))
+    explicit = weighted_sum_ref(x, p) - math.log(math.fsum(p**2))
     assert abs(bound - explicit) <= _slack(float(np.max(np.abs(x))), 1.0)
 
 
@@ -220,7 +202,7 @@ def test_holder_bound_and_order_monotonicity(xp: tuple[np.ndarray, np.ndarray], 
 def test_shannon_bound_gap_is_kl(xp: tuple[np.ndarray, np.ndarray]) -> None:
     x, p = xp
     bound = _check_weighted_bound(x, p, 1.0)
-    lse_ref = _lse_ref(x)
+    lse_ref = lse_terms(x)
     nz = p > 0
     log_q = x[nz] - lse_ref  # log softmax(x), computed independently
     kl = math.fsum(p[nz] * (np.log(p[nz]) - log_q))
@@ -297,5 +279,5 @@ def test_jensen(samples: np.ndarray, scale: float) -> None:
     assert e_lse >= lse_e - _slack(float(xs.abs().max()), math.log(xs.shape[1]))
     # The same with the float64 reference alone, so the library enters on one side only.
     tol = _slack(float(xs.abs().max()), math.log(xs.shape[1]))
-    assert abs(e_lse - float(np.mean([_lse_ref(row) for row in samples * scale]))) <= tol
-    assert abs(lse_e - _lse_ref(np.mean(samples * scale, axis=0))) <= tol
+    assert abs(e_lse - float(np.mean([lse_terms(row) for row in samples * scale]))) <= tol
+    assert abs(lse_e - lse_terms(np.mean(samples * scale, axis=0))) <= tol

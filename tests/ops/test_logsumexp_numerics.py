@@ -12,30 +12,9 @@ import torch
 from torch.autograd import gradcheck
 
 from kexue.ops import logsumexp, smooth_max
+from kexue.testing.logsumexp import lse_rows, lse_terms
 
 F64 = torch.float64
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _lse_list(terms: list[float]) -> float:
-    """log sum exp of an explicit list of floats (float64, math only); -inf if empty."""
-    finite = [v for v in terms if v != -math.inf]
-    if not finite:
-        return -math.inf
-    m = max(finite)
-    return m + math.log(math.fsum(math.exp(v - m) for v in finite))
-
-
-def _masked_rows_ref(x: torch.Tensor, mask: torch.Tensor, implicit_zero: bool) -> list[float]:
-    """Reference over the last dim of 2-D ``x``: lse of the kept entries of each row."""
-    out = []
-    for row, keep in zip(x.double().tolist(), mask.tolist(), strict=True):
-        terms = [v for v, k in zip(row, keep, strict=True) if k]
-        out.append(_lse_list(([0.0] if implicit_zero else []) + terms))
-    return out
 
 
 # Agreement with torch.logsumexp ----------------------------------------------------------------
@@ -44,8 +23,8 @@ def _masked_rows_ref(x: torch.Tensor, mask: torch.Tensor, implicit_zero: bool) -
 @pytest.mark.parametrize("dim", [0, 1, -1, (0, 2), (2, 1), (0, 1, 2)])
 @pytest.mark.parametrize("keepdim", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_torch_logsumexp(dim, keepdim: bool, dtype: torch.dtype) -> None:
-    x = (torch.randn(3, 4, 5, generator=_gen(0), dtype=F64) * 10).to(dtype)
+def test_matches_torch_logsumexp(gen, dim, keepdim: bool, dtype: torch.dtype) -> None:
+    x = (torch.randn(3, 4, 5, generator=gen(0), dtype=F64) * 10).to(dtype)
     got = logsumexp(x, dim, keepdim=keepdim)
     ref = torch.logsumexp(x.double(), dim, keepdim=keepdim)
     assert got.dtype == dtype
@@ -61,9 +40,9 @@ def test_zero_dim_input() -> None:
 
 
 @pytest.mark.parametrize("scale", [1.0, 100.0, 1e4])
-def test_large_rows_match_reference(scale: float) -> None:
-    x = torch.randn(16, 300, generator=_gen(1), dtype=F64) * scale
-    ref = torch.tensor([_lse_list(r) for r in x.tolist()], dtype=F64)
+def test_large_rows_match_reference(gen, scale: float) -> None:
+    x = torch.randn(16, 300, generator=gen(1), dtype=F64) * scale
+    ref = torch.tensor([lse_terms(r) for r in x.tolist()], dtype=F64)
     torch.testing.assert_close(logsumexp(x), ref, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(logsumexp(x.float()).double(), ref, rtol=1e-6, atol=1e-6)
 
@@ -73,8 +52,8 @@ def test_large_rows_match_reference(scale: float) -> None:
 
 @pytest.mark.parametrize("implicit_zero", [False, True])
 @pytest.mark.parametrize("mask_shape", [(6, 9), (1, 9), (6, 1)])
-def test_mask_drops_entries(implicit_zero: bool, mask_shape: tuple[int, int]) -> None:
-    g = _gen(2)
+def test_mask_drops_entries(gen, implicit_zero: bool, mask_shape: tuple[int, int]) -> None:
+    g = gen(2)
     x = torch.randn(6, 9, generator=g, dtype=F64) * 5
     mask = torch.rand(mask_shape, generator=g) < 0.6
     mask.view(-1)[0] = False  # at least one masked entry whatever the draw
@@ -82,28 +61,28 @@ def test_mask_drops_entries(implicit_zero: bool, mask_shape: tuple[int, int]) ->
     garbage = torch.tensor([1e30, math.inf, math.nan], dtype=F64).repeat(18).reshape(6, 9)
     x = torch.where(mask, x, garbage)
     got = logsumexp(x, mask=mask, implicit_zero=implicit_zero)
-    ref = _masked_rows_ref(x, mask.expand_as(x), implicit_zero)
+    ref = lse_rows(x, mask.expand_as(x), implicit_zero=implicit_zero)
     torch.testing.assert_close(got, torch.tensor(ref, dtype=F64), rtol=1e-14, atol=1e-14)
 
 
-def test_mask_along_first_dim() -> None:
-    g = _gen(3)
+def test_mask_along_first_dim(gen) -> None:
+    g = gen(3)
     x = torch.randn(7, 4, generator=g, dtype=F64)
     mask = torch.rand(7, 4, generator=g) < 0.5
     got = logsumexp(x, dim=0, mask=mask)
-    ref = _masked_rows_ref(x.T, mask.T, implicit_zero=False)
+    ref = lse_rows(x.T, mask.T)
     torch.testing.assert_close(got, torch.tensor(ref, dtype=F64), rtol=1e-14, atol=1e-14)
 
 
-def test_mask_with_dim_tuple_and_keepdim() -> None:
-    g = _gen(4)
+def test_mask_with_dim_tuple_and_keepdim(gen) -> None:
+    g = gen(4)
     x = torch.randn(3, 4, 5, generator=g, dtype=F64)
     mask = torch.rand(3, 4, 5, generator=g) < 0.5
     got = logsumexp(x, dim=(0, 2), mask=mask, keepdim=True)
     assert got.shape == (1, 4, 1)
     for j in range(4):
         terms = [x[i, j, k].item() for i in range(3) for k in range(5) if mask[i, j, k]]
-        assert got[0, j, 0].item() == pytest.approx(_lse_list(terms), rel=1e-14, abs=1e-14)
+        assert got[0, j, 0].item() == pytest.approx(lse_terms(terms), rel=1e-14, abs=1e-14)
 
 
 def test_neg_inf_entries_contribute_nothing() -> None:
@@ -113,7 +92,7 @@ def test_neg_inf_entries_contribute_nothing() -> None:
         requires_grad=True,
     )
     out = logsumexp(x)
-    ref = [_lse_list(r) for r in x.tolist()]
+    ref = [lse_terms(r) for r in x.tolist()]
     assert out[0].item() == pytest.approx(ref[0], rel=1e-15)
     assert out[1].item() == -math.inf
     assert out[2].item() == pytest.approx(ref[2], rel=1e-15)
@@ -125,8 +104,8 @@ def test_neg_inf_entries_contribute_nothing() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_all_masked_rows(dtype: torch.dtype) -> None:
-    x = torch.randn(3, 5, generator=_gen(5)).to(dtype).requires_grad_()
+def test_all_masked_rows(gen, dtype: torch.dtype) -> None:
+    x = torch.randn(3, 5, generator=gen(5)).to(dtype).requires_grad_()
     mask = torch.ones(3, 5, dtype=torch.bool)
     mask[1] = False
     plain = logsumexp(x, mask=mask)
@@ -152,8 +131,8 @@ def test_all_neg_inf_row_gradient_is_zero() -> None:
 
 
 @pytest.mark.parametrize("scale", [1.0, 50.0, 1000.0])
-def test_implicit_zero_equals_concatenated_zero(scale: float) -> None:
-    x = torch.randn(8, 11, generator=_gen(6), dtype=F64) * scale
+def test_implicit_zero_equals_concatenated_zero(gen, scale: float) -> None:
+    x = torch.randn(8, 11, generator=gen(6), dtype=F64) * scale
     got = logsumexp(x, implicit_zero=True)
     ref = torch.logsumexp(torch.cat([torch.zeros(8, 1, dtype=F64), x], dim=-1), dim=-1)
     torch.testing.assert_close(got, ref, rtol=1e-14, atol=1e-14)
@@ -178,13 +157,13 @@ def test_empty_reduced_dim(implicit_zero: bool) -> None:
 # Gradients ------------------------------------------------------------------------------------
 
 
-def test_gradcheck_plain() -> None:
-    x = torch.randn(4, 6, generator=_gen(7), dtype=F64, requires_grad=True)
+def test_gradcheck_plain(gen) -> None:
+    x = torch.randn(4, 6, generator=gen(7), dtype=F64, requires_grad=True)
     assert gradcheck(lambda t: logsumexp(t), (x,))
 
 
-def test_gradcheck_masked_and_neg_inf() -> None:
-    g = _gen(8)
+def test_gradcheck_masked_and_neg_inf(gen) -> None:
+    g = gen(8)
     x = torch.randn(4, 6, generator=g, dtype=F64)
     x[0, 1] = -math.inf
     x.requires_grad_()
@@ -193,8 +172,8 @@ def test_gradcheck_masked_and_neg_inf() -> None:
     assert gradcheck(lambda t: logsumexp(t, mask=mask)[:3], (x,))
 
 
-def test_gradcheck_implicit_zero() -> None:
-    g = _gen(9)
+def test_gradcheck_implicit_zero(gen) -> None:
+    g = gen(9)
     x = (torch.randn(4, 6, generator=g, dtype=F64) * 3).requires_grad_()
     mask = torch.rand(4, 6, generator=g) < 0.6
     mask[2] = False
@@ -202,14 +181,14 @@ def test_gradcheck_implicit_zero() -> None:
     assert gradcheck(lambda t: logsumexp(t, mask=mask, implicit_zero=True), (x,))
 
 
-def test_gradcheck_multi_dim() -> None:
-    x = torch.randn(3, 4, 5, generator=_gen(10), dtype=F64, requires_grad=True)
+def test_gradcheck_multi_dim(gen) -> None:
+    x = torch.randn(3, 4, 5, generator=gen(10), dtype=F64, requires_grad=True)
     assert gradcheck(lambda t: logsumexp(t, dim=(0, 2)), (x,))
     assert gradcheck(lambda t: logsumexp(t, dim=(2, 1), keepdim=True), (x,))
 
 
-def test_gradient_matches_softmax_reference() -> None:
-    g = _gen(11)
+def test_gradient_matches_softmax_reference(gen) -> None:
+    g = gen(11)
     x = (torch.randn(5, 7, generator=g, dtype=F64) * 20).requires_grad_()
     mask = torch.rand(5, 7, generator=g) < 0.7
     (grad,) = torch.autograd.grad(logsumexp(x, mask=mask).sum(), x)
@@ -218,8 +197,8 @@ def test_gradient_matches_softmax_reference() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-def test_masked_entries_have_exactly_zero_gradient(dtype: torch.dtype) -> None:
-    g = _gen(12)
+def test_masked_entries_have_exactly_zero_gradient(gen, dtype: torch.dtype) -> None:
+    g = gen(12)
     x = (torch.randn(4, 8, generator=g) * 3).to(dtype)
     mask = torch.rand(4, 8, generator=g) < 0.5
     x[~mask] = 1000.0 if dtype != torch.float16 else 60000.0  # would dominate if not masked
@@ -240,14 +219,16 @@ def _ulp_tolerance(dtype: torch.dtype) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("implicit_zero", [False, True])
-def test_low_precision_with_mask_matches_float64(dtype: torch.dtype, implicit_zero: bool) -> None:
-    g = _gen(13)
+def test_low_precision_with_mask_matches_float64(
+    gen, dtype: torch.dtype, implicit_zero: bool
+) -> None:
+    g = gen(13)
     x = (torch.randn(32, 50, generator=g, dtype=F64) * 30).to(dtype)
     mask = torch.rand(32, 50, generator=g) < 0.3
     mask[0] = False
     out = logsumexp(x, mask=mask, implicit_zero=implicit_zero)
     assert out.dtype == dtype
-    ref = torch.tensor(_masked_rows_ref(x, mask, implicit_zero), dtype=F64)
+    ref = torch.tensor(lse_rows(x, mask, implicit_zero=implicit_zero), dtype=F64)
     torch.testing.assert_close(out.double(), ref, rtol=_ulp_tolerance(dtype), atol=1e-3)
 
 
@@ -257,7 +238,7 @@ def test_float16_extreme_values_where_sentinels_overflow() -> None:
         dtype=torch.float16,
     )
     mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
-    ref = torch.tensor(_masked_rows_ref(x, mask, implicit_zero=False), dtype=F64)
+    ref = torch.tensor(lse_rows(x, mask), dtype=F64)
     # The sentinel approach in float16: 1e12 is inf there, and kept entries get 0 * inf = nan.
     big = torch.tensor(1e12, dtype=torch.float16)
     assert torch.isinf(big)
@@ -277,8 +258,8 @@ def test_float16_extreme_values_where_sentinels_overflow() -> None:
     assert (grad[~mask] == 0).all()
 
 
-def test_autocast_bfloat16_linear_then_masked_logsumexp() -> None:
-    g = _gen(14)
+def test_autocast_bfloat16_linear_then_masked_logsumexp(gen) -> None:
+    g = gen(14)
     lin = torch.nn.Linear(16, 10)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(10, 16, generator=g) * 2)
@@ -293,13 +274,13 @@ def test_autocast_bfloat16_linear_then_masked_logsumexp() -> None:
     assert out.dtype == torch.bfloat16
     assert out[5].item() == -math.inf
     # Exactly what it reduced (the bfloat16 scores), in float64: the result is rounded once.
-    ref_bf16 = torch.tensor(_masked_rows_ref(scores.detach(), mask, False), dtype=F64)
+    ref_bf16 = torch.tensor(lse_rows(scores.detach(), mask), dtype=F64)
     torch.testing.assert_close(
         out.double(), ref_bf16, rtol=_ulp_tolerance(torch.bfloat16), atol=0.0
     )
     # The whole computation redone in float64: within bfloat16's error on the scores.
     scores64 = inp.double() @ lin.weight.double().T + lin.bias.double()
-    ref64 = torch.tensor(_masked_rows_ref(scores64, mask, False), dtype=F64)
+    ref64 = torch.tensor(lse_rows(scores64, mask), dtype=F64)
     keep = torch.isfinite(ref64)
     assert torch.equal(keep, torch.isfinite(out))
     scale = scores64.abs().max().item()
@@ -318,7 +299,7 @@ def test_spread_out_values(dtype: torch.dtype) -> None:
     ]
     x = torch.tensor(rows, dtype=dtype, requires_grad=True)
     out = logsumexp(x)
-    ref = torch.tensor([_lse_list([float(v) for v in r]) for r in x.tolist()], dtype=F64)
+    ref = torch.tensor([lse_terms([float(v) for v in r]) for r in x.tolist()], dtype=F64)
     rtol = 1e-14 if dtype == F64 else 1e-6
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=0.0)
     (grad,) = torch.autograd.grad(out.sum(), x)
@@ -330,7 +311,7 @@ def test_smooth_max_float16_does_not_overflow() -> None:
     # x / tau is 1e5 here: beyond float16, but the reduction is documented to run in float32.
     x = torch.tensor([1000.0, 999.0], dtype=torch.float16)
     out = smooth_max(x, tau=0.01)
-    ref = 0.01 * _lse_list([100000.0, 99900.0])
+    ref = 0.01 * lse_terms([100000.0, 99900.0])
     assert torch.isfinite(out).all()
     assert out.double().item() == pytest.approx(ref, rel=_ulp_tolerance(torch.float16))
 

@@ -10,8 +10,8 @@ from sklearn.metrics import average_precision_score, f1_score
 from kexue.experiments.canvases import digit_canvases
 from kexue.experiments.multilabel import (
     METHODS,
+    MultilabelTrainConfig,
     Split,
-    TrainConfig,
     asymmetric_loss,
     compare_methods,
     focal_loss,
@@ -105,7 +105,7 @@ def test_compare_methods_learns_an_easy_problem():
         Split(x[400:500], y[400:500]),
         Split(x[500:], y[500:]),
     )
-    cfg = TrainConfig(hidden=32, dropout=0.0, epochs=40, batch_size=32, lr=1e-2)
+    cfg = MultilabelTrainConfig(hidden=32, dropout=0.0, epochs=40, batch_size=32, lr=1e-2)
     methods = [m for m in METHODS if m.name in ("BCE (t=0.5)", "ZLPR (s>0)")]
     results = compare_methods(train, val, test, [0], cfg, methods)
     for r in results:

@@ -1,4 +1,4 @@
-"""Probability maps from perturbed argmax (reference: perturbed-argmax.md).
+"""Probability maps from perturbed argmax (theory and examples: ``docs/guides/distributions.md``).
 
 ``p_i = P[argmax_j (mu_j + eps_j) = i]`` for i.i.d. noise ``eps``: softmax for Gumbel noise,
 the multinomial probit for normal noise, sparse maps for bounded noise. Evaluated by

@@ -1,5 +1,5 @@
 """``PerturbedArgmax``: the categorical distribution of ``argmax(mu + eps)`` as a torch
-``Distribution`` (reference: ``../shared/reference/perturbed-argmax.md``)."""
+``Distribution`` (``docs/guides/distributions.md``)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,22 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 from torch.distributions.utils import lazy_property
 
-from kexue.distributions.noise import NoiseFamily, _shape, noise_family
+from kexue.distributions.noise import NoiseFamily, noise_family
 from kexue.distributions.perturbed_argmax import (
-    _check_mu,
-    _check_quadrature,
+    check_mu,
+    check_quadrature,
     perturbed_argmax_log_probs,
 )
+from kexue.validation import check_sample_shape
 
 
 class PerturbedArgmax(Distribution):
     """Class ``argmax_j (mu_j + eps_j)`` for scores ``mu`` of shape ``(..., n)`` and i.i.d. noise.
 
-    ``probs``/``logits`` are the map ``p_i`` of the note (``logits`` are the normalised
+    ``probs``/``logits`` are the map ``p_i`` of the guide (``logits`` are the normalised
     log-probabilities, as in ``torch.distributions.Categorical``), computed lazily by
     quadrature with :func:`~kexue.distributions.perturbed_argmax_log_probs`. Sampling needs no
-    quadrature: ``argmax(mu + eps)`` is exact (the reparameterization of the note).
+    quadrature: ``argmax(mu + eps)`` is exact (the reparameterization of the guide).
 
     Args:
         mu: finite scores ``(..., n)``; the batch shape is ``mu.shape[:-1]``.
@@ -45,11 +46,11 @@ class PerturbedArgmax(Distribution):
         rule: str = "auto",
         validate_args: bool | None = None,
     ) -> None:
-        _check_mu(mu, -1)
+        check_mu(mu, -1)
         self.mu = mu
         self.noise = noise_family(noise)
         self.num_nodes, self.rule = num_nodes, rule
-        _check_quadrature(num_nodes, rule, self.noise)
+        check_quadrature(num_nodes, rule, self.noise)
         self._num_events = mu.shape[-1]
         super().__init__(batch_shape=mu.shape[:-1], validate_args=validate_args)
 
@@ -75,7 +76,7 @@ class PerturbedArgmax(Distribution):
         return self.mu.argmax(-1)
 
     def _noise(self, sample_shape: torch.Size, generator: torch.Generator | None) -> Tensor:
-        shape = torch.Size(_shape(sample_shape)) + self.mu.shape
+        shape = torch.Size(check_sample_shape(sample_shape)) + self.mu.shape
         return self.noise.sample(
             shape, generator=generator, dtype=self.mu.dtype, device=self.mu.device
         )

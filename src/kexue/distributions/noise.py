@@ -1,7 +1,7 @@
 """Noise families for perturbed argmax: CDF ``Phi``, ``log Phi``, quantile ``Phi^{-1}``, sampling.
 
-Notation of ``../shared/reference/perturbed-argmax.md``: ``eps_1..eps_n`` are i.i.d. with CDF
-``Phi``; the class of ``argmax_j (mu_j + eps_j)`` has the probabilities ``p_i`` of the note.
+Notation of ``docs/guides/distributions.md``: ``eps_1..eps_n`` are i.i.d. with CDF ``Phi``;
+the class of ``argmax_j (mu_j + eps_j)`` has the probabilities ``p_i`` of the guide.
 
 Built-in families (standard parameters; scale the scores ``mu`` for a temperature):
 
@@ -20,14 +20,19 @@ or ``1e-7`` (float32) of 0, and return a finite derivative everywhere.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from kexue.ops.logsumexp import check_float_tensor
+from kexue.validation import (
+    check_callable,
+    check_dtype,
+    check_float_tensor,
+    check_real,
+    check_sample_shape,
+)
 
 Shape = int | Sequence[int] | torch.Size
 TensorFn = Callable[[Tensor], Tensor]
@@ -81,8 +86,8 @@ class NoiseFamily:
     ) -> Tensor:
         """I.i.d. draws of shape ``shape`` (by inversion ``Phi^{-1}(U)``, ``U ~ U(0, 1)``,
         unless a family has a direct sampler)."""
-        _check_dtype(dtype)
-        return self._sample(_shape(shape), generator, dtype, device)
+        check_dtype(dtype)
+        return self._sample(check_sample_shape(shape, "shape"), generator, dtype, device)
 
     def _sample(self, shape, generator, dtype, device) -> Tensor:
         u = torch.rand(shape, generator=generator, dtype=dtype, device=device)
@@ -129,23 +134,6 @@ class NoiseFamily:
 
     def __repr__(self) -> str:
         return f"{self.name}()"
-
-
-def _check_dtype(dtype: torch.dtype) -> None:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-
-
-def _shape(shape: Shape) -> tuple[int, ...]:
-    if isinstance(shape, int):
-        shape = (shape,)
-    try:
-        out = tuple(operator.index(s) for s in shape)
-    except TypeError:
-        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
-    if any(s < 0 for s in out):
-        raise ValueError(f"shape must not hold negative sizes, got {shape!r}")
-    return out
 
 
 class GumbelNoise(NoiseFamily):
@@ -299,11 +287,7 @@ class UniformNoise(NoiseFamily):
     support_lower = 0.0
 
     def __init__(self, width: float = 1.0) -> None:
-        if isinstance(width, bool) or not isinstance(width, int | float):
-            raise TypeError(f"width must be a positive number, got {width!r}")
-        if not (math.isfinite(width) and width > 0):
-            raise ValueError(f"width must be a positive finite number, got {width!r}")
-        self.width = float(width)
+        self.width = check_real(width, "width", low=0.0, low_open=True)
 
     def _cdf(self, x: Tensor) -> Tensor:
         return (x / self.width).clamp(0.0, 1.0)
@@ -409,8 +393,8 @@ def custom_noise(
         ValueError: a check fails; the message names the first offending point.
     """
     for arg, fn in (("cdf", cdf), ("icdf", icdf), ("log_cdf", log_cdf)):
-        if fn is not None and not callable(fn):
-            raise TypeError(f"{arg} must be callable, got {type(fn).__name__}")
+        if fn is not None:
+            check_callable(fn, arg, f"{arg}(x: Tensor) -> Tensor")
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, got {type(name).__name__}")
     family = CustomNoise(cdf, icdf, log_cdf=log_cdf, name=name)

@@ -1,19 +1,19 @@
 """Probability maps from perturbed argmax, evaluated by quadrature in log space.
 
-Reference: ``../shared/reference/perturbed-argmax.md``. For scores ``mu`` and i.i.d. noise
-with CDF ``Phi``,
+Theory: ``docs/guides/distributions.md``. For scores ``mu`` and i.i.d. noise with CDF
+``Phi``,
 
     p_i = P[argmax_j (mu_j + eps_j) = i]
         = integral_0^1 prod_{j != i} Phi(mu_i - mu_j + Phi^{-1}(u)) du
 
-(equation "substitute u = Phi(e)" of the note). With nodes ``u_k``, weights ``w_k`` and
+(the form "over the noise of the winner" of the guide). With nodes ``u_k``, weights ``w_k`` and
 ``e_k = Phi^{-1}(u_k)``, the map computed here is
 
     log m_i = logsumexp_k (log w_k + sum_{j != i} log Phi(mu_i - mu_j + e_k)),
     log p_i = log m_i - logsumexp_l log m_l                      (renormalised: sum p = 1).
 
 Every node contributes a product that is monotone in ``mu_i`` and depends on differences only,
-so the computed map keeps properties 1-4 of the note exactly (up to rounding), not just in
+so the computed map keeps properties 1-4 of the guide exactly (up to rounding), not just in
 the limit ``K -> inf``.
 """
 
@@ -27,22 +27,27 @@ from torch.autograd.function import once_differentiable
 
 from kexue.distributions.noise import NoiseFamily, noise_family
 from kexue.distributions.quadrature import RULES, quadrature_rule
-from kexue.losses.reduction import check_reduction, reduce_loss
-from kexue.ops import logsumexp
-from kexue.ops.logsumexp import check_float_tensor, compute_dtype, exp_flush_
+from kexue.ops import check_reduction, compute_dtype, exp_flush_, logsumexp, reduce_loss
+from kexue.validation import (
+    check_bool,
+    check_dim,
+    check_float_tensor,
+    check_same_device,
+    check_tensor,
+)
 
 # Elements of the (rows, classes, K, n) block evaluated at once: on CPUs the working set stays
 # in L2 cache; accelerators get larger blocks (fewer kernel launches). Memory stays O(K n) per
 # row, never batch x n x n x K.
-_BLOCK = 1 << 17
-_BLOCK_ACCELERATOR = 1 << 24
+BLOCK_ELEMENTS = 1 << 17
+BLOCK_ELEMENTS_ACCELERATOR = 1 << 24
 
 
 def _budget(device: torch.device, n: int, k: int) -> int:
-    return max(_BLOCK if device.type == "cpu" else _BLOCK_ACCELERATOR, n * k)
+    return max(BLOCK_ELEMENTS if device.type == "cpu" else BLOCK_ELEMENTS_ACCELERATOR, n * k)
 
 
-def _blocks(rows: int, n: int, k: int, budget: int):
+def pairwise_blocks(rows: int, n: int, k: int, budget: int):
     """``(row slice, class slice)`` pairs covering ``rows x n`` with blocks of <= ``budget``
     elements of ``(r, c, K, n)`` (at least one row and one class)."""
     per_row = n * n * k
@@ -102,7 +107,7 @@ class _LogMass(torch.autograd.Function):
         post = mu.new_empty(rows, n, k) if keep else None
         budget = _budget(mu.device, n, k)
         buf = mu.new_empty(min(budget, rows * n * n * k))
-        for r, c in _blocks(rows, n, k, budget):
+        for r, c in pairwise_blocks(rows, n, k, budget):
             terms = family.kernel_log_cdf_(_arguments(mu, e, r, c, buf))
             log_f = _drop_diagonal_(terms, c).sum(-1).add_(log_w)  # (r, c, K)
             if family.support_lower > -math.inf:
@@ -129,7 +134,7 @@ class _LogMass(torch.autograd.Function):
         out = torch.zeros_like(mu)
         budget = _budget(mu.device, n, k)
         buf = mu.new_empty(min(budget, rows * n * n * k))
-        for r, c in _blocks(rows, n, k, budget):
+        for r, c in pairwise_blocks(rows, n, k, budget):
             slopes = ctx.family.kernel_dlog_cdf_(_arguments(mu, e, r, c, buf))
             slopes = _drop_diagonal_(slopes, c)
             pair = torch.matmul(scaled[r, c][..., None, :], slopes).squeeze(-2)  # (r, c, n)
@@ -138,14 +143,12 @@ class _LogMass(torch.autograd.Function):
         return out, None, None, None
 
 
-def _check_mu(mu: object, dim: int) -> Tensor:
-    check_float_tensor(mu, "mu")
+def check_mu(mu: object, dim: int = -1) -> Tensor:
+    """Scores ``mu``: a finite floating tensor with at least one class along ``dim``."""
+    mu = check_float_tensor(mu, "mu")
     if mu.ndim < 1:
         raise ValueError("mu must have at least one dimension (the classes)")
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {dim!r}")
-    if not -mu.ndim <= dim < mu.ndim:
-        raise ValueError(f"dim={dim} is out of range for mu with {mu.ndim} dimensions")
+    dim = check_dim(dim, mu.ndim)
     if mu.shape[dim] < 1:
         raise ValueError("mu must hold at least one class along dim")
     if not bool(torch.isfinite(mu.detach()).all()):
@@ -154,13 +157,13 @@ def _check_mu(mu: object, dim: int) -> Tensor:
     return mu
 
 
-def _check_quadrature(num_nodes: int, rule: str, family: NoiseFamily) -> str:
+def check_quadrature(num_nodes: object, rule: object, family: NoiseFamily) -> str:
     """Validate ``num_nodes`` and ``rule``; return the rule ``"auto"`` stands for."""
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 2:
         raise ValueError(f"num_nodes must be an integer >= 2, got {num_nodes!r}")
     if rule == "auto":
         return family.default_rule
-    if rule not in RULES:
+    if not isinstance(rule, str) or rule not in RULES:
         raise ValueError(f"rule must be 'auto' or one of {RULES}, got {rule!r}")
     return rule
 
@@ -182,16 +185,23 @@ def perturbed_argmax_log_probs(
     Where ``p_i`` is below about 1e-15 the value is a finite, order-preserving under-estimate:
     the fixed nodes do not reach the far tail where such a class's integrand lives.
     """
-    _check_mu(mu, dim)
+    log_p = _log_probs(mu, noise, num_nodes, rule, dim, closed_form)
+    return log_p.to(mu.dtype).movedim(-1, dim)
+
+
+def _log_probs(
+    mu: Tensor, noise: str | NoiseFamily, num_nodes: int, rule: str, dim: int, closed_form: bool
+) -> Tensor:
+    """``log p`` with the classes last, in the compute dtype (float32 for half inputs)."""
+    check_mu(mu, dim)
     family = noise_family(noise)
-    name = _check_quadrature(num_nodes, rule, family)
-    if not isinstance(closed_form, bool):
-        raise TypeError(f"closed_form must be a bool, got {closed_form!r}")
+    name = check_quadrature(num_nodes, rule, family)
+    check_bool(closed_form, "closed_form")
 
     work = mu.movedim(dim, -1).to(compute_dtype(mu.dtype))
     exact = family.closed_form_log_probs(work) if closed_form else None
     if exact is not None:
-        return exact.to(mu.dtype).movedim(-1, dim)
+        return exact
     lead, n = work.shape[:-1], work.shape[-1]
     flat = work.reshape(-1, n)
     centred = flat - flat.detach().amax(-1, keepdim=True)  # only differences matter
@@ -201,7 +211,7 @@ def perturbed_argmax_log_probs(
     log_w = w.log().to(work.dtype)
     log_m = _LogMass.apply(centred, e, log_w, family)
     log_p = log_m - logsumexp(log_m, -1, keepdim=True)
-    return log_p.reshape(*lead, n).to(mu.dtype).movedim(-1, dim)
+    return log_p.reshape(*lead, n)
 
 
 def perturbed_argmax_probs(
@@ -215,10 +225,10 @@ def perturbed_argmax_probs(
 ) -> Tensor:
     """Probabilities ``p_i = P[argmax_j (mu_j + eps_j) = i]`` along ``dim``, by quadrature.
 
-    Implements ``p_i = integral_0^1 prod_{j != i} Phi(mu_i - mu_j + Phi^{-1}(u)) du`` of the
-    reference note with a ``num_nodes``-point rule, summed in log space (no underflow for
-    large n) and renormalised to sum to 1. Differentiable in ``mu`` (first order). Cost
-    ``O(K n^2)`` per row, memory ``O(K n)`` per row.
+    Implements ``p_i = integral_0^1 prod_{j != i} Phi(mu_i - mu_j + Phi^{-1}(u)) du``
+    (``docs/guides/distributions.md``) with a ``num_nodes``-point rule, summed in log space
+    (no underflow for large n) and renormalised to sum to 1. Differentiable in ``mu`` (first
+    order). Cost ``O(K n^2)`` per row, memory ``O(K n)`` per row.
 
     Args:
         mu: scores, floating tensor of any shape; float16/bfloat16 are computed in float32.
@@ -249,10 +259,8 @@ def perturbed_argmax_probs(
     Gumbel and logistic alike; Laplace and uniform maps converge algebraically (one kink per
     class), about 3e-5 at K = 64. Float32 inputs are limited to about 1e-6 by rounding.
     """
-    log_p = perturbed_argmax_log_probs(
-        mu, noise, num_nodes=num_nodes, rule=rule, dim=dim, closed_form=closed_form
-    )
-    return torch.exp(log_p)
+    log_p = _log_probs(mu, noise, num_nodes, rule, dim, closed_form)
+    return torch.exp(log_p).to(mu.dtype).movedim(-1, dim)  # exp before rounding to half
 
 
 def perturbed_argmax_cross_entropy(
@@ -278,11 +286,11 @@ def perturbed_argmax_cross_entropy(
         bounded-support family (uniform) gives the target exactly zero probability.
     """
     check_reduction(reduction)
-    _check_mu(mu, dim)
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    check_mu(mu, dim)
+    check_tensor(target, "target")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    check_same_device(("mu", mu), ("target", target))
     rows = mu.movedim(dim, -1).shape[:-1]
     if target.shape != rows:
         raise ValueError(
@@ -311,7 +319,7 @@ class PerturbedArgmaxCrossEntropy(nn.Module):
         super().__init__()
         check_reduction(reduction)
         self.noise, self.num_nodes = noise_family(noise), num_nodes
-        self.rule, self.reduction = _check_quadrature(num_nodes, rule, self.noise), reduction
+        self.rule, self.reduction = check_quadrature(num_nodes, rule, self.noise), reduction
 
     def forward(self, mu: Tensor, target: Tensor) -> Tensor:
         return perturbed_argmax_cross_entropy(

@@ -1,6 +1,6 @@
-"""Quadrature rules on ``u in (0, 1)`` for the integral of the reference note.
+"""Quadrature rules on ``u in (0, 1)`` for the perturbed-argmax integral.
 
-Notation of ``../shared/reference/perturbed-argmax.md``: after the substitution ``u = Phi(e)``,
+Notation of ``docs/guides/distributions.md``: after the substitution ``u = Phi(e)``,
 
     p_i = integral_0^1 prod_{j != i} Phi(mu_i - mu_j + Phi^{-1}(u)) du  ~  sum_k w_k f_i(u_k).
 

@@ -16,34 +16,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.functional.classification import (
-    binary_calibration_error,
-    multilabel_average_precision,
-    multilabel_f1_score,
-)
 
+from kexue.extras import require
 from kexue.losses import label_smoothing, mixup, zlpr_loss
 
+_metrics = require("torchmetrics.functional.classification", "tour", "kexue.experiments")
+binary_calibration_error = _metrics.binary_calibration_error
+multilabel_average_precision = _metrics.multilabel_average_precision
+multilabel_f1_score = _metrics.multilabel_f1_score
+
 # ---------------------------------------------------------------- baseline losses
-# Each loss maps (scores, float targets) to a scalar: summed over classes, mean over rows.
+# Each loss maps (scores, float target) to a scalar: summed over classes, mean over rows.
 
 
-def bce_loss(scores: Tensor, targets: Tensor) -> Tensor:
-    return F.binary_cross_entropy_with_logits(scores, targets, reduction="sum") / len(scores)
+def bce_loss(scores: Tensor, target: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(scores, target, reduction="sum") / len(scores)
 
 
-def focal_loss(scores: Tensor, targets: Tensor, gamma: float = 2.0, alpha: float = 0.25) -> Tensor:
+def focal_loss(scores: Tensor, target: Tensor, gamma: float = 2.0, alpha: float = 0.25) -> Tensor:
     """Sigmoid focal loss ``-alpha_t (1 - p_t)^gamma log p_t`` (RetinaNet's defaults)."""
-    ce = F.binary_cross_entropy_with_logits(scores, targets, reduction="none")
+    ce = F.binary_cross_entropy_with_logits(scores, target, reduction="none")
     p = torch.sigmoid(scores)
-    p_t = p * targets + (1 - p) * (1 - targets)
-    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    p_t = p * target + (1 - p) * (1 - target)
+    alpha_t = alpha * target + (1 - alpha) * (1 - target)
     return (alpha_t * (1 - p_t) ** gamma * ce).sum() / len(scores)
 
 
 def asymmetric_loss(
     scores: Tensor,
-    targets: Tensor,
+    target: Tensor,
     gamma_pos: float = 0.0,
     gamma_neg: float = 4.0,
     clip: float = 0.05,
@@ -53,13 +54,13 @@ def asymmetric_loss(
     p_m = (p - clip).clamp_min(0.0)
     log_p = F.logsigmoid(scores)
     log_1m_pm = torch.log1p(-p_m.clamp(max=1 - 1e-6))
-    pos = targets * (1 - p) ** gamma_pos * log_p
-    neg = (1 - targets) * p_m**gamma_neg * log_1m_pm
+    pos = target * (1 - p) ** gamma_pos * log_p
+    neg = (1 - target) * p_m**gamma_neg * log_1m_pm
     return -(pos + neg).sum() / len(scores)
 
 
-def zlpr_objective(scores: Tensor, targets: Tensor) -> Tensor:
-    return zlpr_loss(scores, targets, reduction="mean")
+def zlpr_objective(scores: Tensor, target: Tensor) -> Tensor:
+    return zlpr_loss(scores, target, reduction="mean")
 
 
 # ---------------------------------------------------------------- methods
@@ -105,7 +106,9 @@ class Split:
 
 
 @dataclass
-class TrainConfig:
+class MultilabelTrainConfig:
+    """The MLP and optimiser of one multi-label training run (same for every loss)."""
+
     hidden: int = 512
     dropout: float = 0.3
     epochs: int = 30
@@ -114,7 +117,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
 
 
-def make_mlp(d: int, n: int, cfg: TrainConfig) -> nn.Module:
+def make_mlp(d: int, n: int, cfg: MultilabelTrainConfig) -> nn.Module:
     return nn.Sequential(
         nn.Linear(d, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, n)
     )
@@ -124,7 +127,7 @@ def train_scores(
     method: Method,
     train: Split,
     evals: list[Tensor],
-    cfg: TrainConfig,
+    cfg: MultilabelTrainConfig,
     seed: int,
     on_epoch: Callable[[], None] | None = None,
 ) -> list[Tensor]:
@@ -210,7 +213,7 @@ def compare_methods(
     val: Split,
     test: Split,
     seeds: list[int],
-    cfg: TrainConfig,
+    cfg: MultilabelTrainConfig,
     methods: list[Method] | None = None,
     on_epoch: Callable[[], None] | None = None,
 ) -> list[RunResult]:
@@ -255,15 +258,15 @@ def summarize(results: list[RunResult]) -> dict[str, dict[str, tuple[float, floa
     return out
 
 
-def sentinel_zlpr(scores: Tensor, targets: Tensor) -> Tensor:
+def sentinel_zlpr(scores: Tensor, target: Tensor) -> Tensor:
     """The common sentinel formulation of the hard ZLPR loss, ported to torch as is.
 
     Scores of the "wrong" group are pushed to ``-1e12`` and a zero column is concatenated
     before ``torch.logsumexp``; kept as the speed baseline (it overflows in float16).
     """
-    signed = (1 - 2 * targets) * scores
-    neg = signed - targets * 1e12
-    pos = signed - (1 - targets) * 1e12
+    signed = (1 - 2 * target) * scores
+    neg = signed - target * 1e12
+    pos = signed - (1 - target) * 1e12
     zeros = torch.zeros_like(signed[..., :1])
     neg_term = torch.logsumexp(torch.cat([neg, zeros], -1), -1)
     pos_term = torch.logsumexp(torch.cat([pos, zeros], -1), -1)

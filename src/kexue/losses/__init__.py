@@ -1,6 +1,9 @@
-"""Multi-label "softmax + cross-entropy" (ZLPR) loss (reference: multilabel-loss.md)."""
+"""Multi-label "softmax + cross-entropy" (ZLPR) loss, dense and sparse, with soft targets.
 
-from kexue.losses.soft_targets import label_smoothing, mixup
+Theory and examples: ``docs/guides/losses.md``.
+"""
+
+from kexue.losses.soft_targets import label_smoothing, mixup, sample_beta
 from kexue.losses.zlpr import (
     SparseZLPRLoss,
     ZLPRLoss,
@@ -15,6 +18,7 @@ __all__ = [
     "ZLPRLoss",
     "label_smoothing",
     "mixup",
+    "sample_beta",
     "sparse_zlpr_loss",
     "zlpr_loss",
     "zlpr_predict",

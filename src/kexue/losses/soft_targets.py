@@ -10,28 +10,38 @@ import math
 import torch
 from torch import Tensor
 
+from kexue.validation import (
+    check_generator,
+    check_int,
+    check_real,
+    check_same_device,
+    check_tensor,
+    renamed_arguments,
+)
 
-def _as_float_targets(targets: Tensor, name: str = "targets") -> Tensor:
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(targets).__name__}")
-    if targets.dtype == torch.bool:
-        return targets.float()
-    if not targets.is_floating_point():
-        raise TypeError(f"{name} must be bool or floating in [0, 1], got dtype {targets.dtype}")
-    if targets.numel() and (torch.isnan(targets).any() or targets.min() < 0 or targets.max() > 1):
+
+def _as_float_target(target: object, name: str = "target") -> Tensor:
+    target = check_tensor(target, name)
+    if target.dtype == torch.bool:
+        return target.float()
+    if not target.is_floating_point():
+        raise TypeError(f"{name} must be bool or floating in [0, 1], got dtype {target.dtype}")
+    if target.numel() and (torch.isnan(target).any() or target.min() < 0 or target.max() > 1):
         raise ValueError(f"{name} must lie in [0, 1] with no NaN")
-    return targets
+    return target
 
 
-def label_smoothing(targets: Tensor, alpha: float) -> Tensor:
+@renamed_arguments(targets="target")
+def label_smoothing(target: Tensor, alpha: float) -> Tensor:
     """Binary label smoothing per class: ``t' = (1 - alpha) t + alpha / 2``.
 
     Each class is its own two-way decision, so the smoothed mass is split between "present"
-    and "absent": a positive becomes ``1 - alpha / 2`` and a negative ``alpha / 2``.
+    and "absent": a positive becomes ``1 - alpha / 2`` and a negative ``alpha / 2``
+    (``docs/guides/losses.md``, "Soft labels"). ``target``: bool or floating in ``[0, 1]``
+    (formerly ``targets``).
     """
-    t = _as_float_targets(targets)
-    if not (isinstance(alpha, int | float) and 0 <= alpha <= 1):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    t = _as_float_target(target)
+    alpha = check_real(alpha, "alpha", low=0.0, high=1.0)
     return t * (1.0 - alpha) + alpha / 2.0
 
 
@@ -59,38 +69,47 @@ def _standard_gamma(concentration: float, size: int, generator: torch.Generator 
 def sample_beta(
     a: float, b: float, size: int = 1, *, generator: torch.Generator | None = None
 ) -> Tensor:
-    """``size`` draws of Beta(a, b) in float64, reproducible through ``generator``."""
-    if not (a > 0 and b > 0):
+    """``size`` draws of Beta(a, b) in float64, reproducible through ``generator``:
+    ``X / (X + Y)`` with ``X ~ Gamma(a)``, ``Y ~ Gamma(b)``."""
+    if not (isinstance(a, int | float) and isinstance(b, int | float) and a > 0 and b > 0):
         raise ValueError(f"Beta parameters must be positive, got a={a!r}, b={b!r}")
+    size = check_int(size, "size", low=0)
+    check_generator(generator)
     x = _standard_gamma(a, size, generator)
     y = _standard_gamma(b, size, generator)
     return x / (x + y)
 
 
+@renamed_arguments(targets="target")
 def mixup(
     x: Tensor,
-    targets: Tensor,
+    target: Tensor,
     alpha: float,
     *,
     generator: torch.Generator | None = None,
     per_sample: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Mixup (Zhang et al., 2018): ``x' = lam x + (1 - lam) x[perm]``, same mix of targets.
+    """Mixup (Zhang et al., 2018): ``x' = lam x + (1 - lam) x[perm]``, same mix of ``target``.
 
     ``lam ~ Beta(alpha, alpha)`` (one per batch, or one per sample with ``per_sample``) and
     ``perm`` a random permutation of the batch (dim 0), both drawn from ``generator``.
-    Mixed targets stay in ``[0, 1]``: they are soft labels for :func:`zlpr_loss`.
+    Mixed targets stay in ``[0, 1]``: they are soft labels for :func:`zlpr_loss`
+    (``docs/guides/losses.md``, "Soft labels"). ``target`` was formerly ``targets``.
     """
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor with the batch in dim 0")
-    t = _as_float_targets(targets)
+    x = check_tensor(x, "x")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"x must be a floating-point tensor with the batch in dim 0, got dtype {x.dtype}"
+        )
+    check_same_device(("x", x), ("target", check_tensor(target, "target")))
+    t = _as_float_target(target)
     if x.ndim < 1 or t.ndim < 1 or x.shape[0] != t.shape[0]:
         raise ValueError(
-            f"x and targets must share the batch size in dim 0, got {tuple(x.shape)} "
+            f"x and target must share the batch size in dim 0, got {tuple(x.shape)} "
             f"and {tuple(t.shape)}"
         )
-    if not (isinstance(alpha, int | float) and alpha > 0):
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    alpha = check_real(alpha, "alpha", low=0.0, low_open=True)
+    check_generator(generator)
     batch = x.shape[0]
     lam = sample_beta(alpha, alpha, batch if per_sample else 1, generator=generator)
     perm = torch.randperm(batch, generator=generator).to(x.device)

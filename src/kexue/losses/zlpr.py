@@ -1,7 +1,7 @@
 """Multi-label "softmax + cross-entropy" (ZLPR) loss, dense and sparse, hard and soft labels.
 
-Reference: ``../shared/reference/multilabel-loss.md``. With raw scores ``s`` (no sigmoid) and
-targets ``t in [0, 1]``, the soft loss of one row is
+Theory: ``docs/guides/losses.md``. With raw scores ``s`` (no sigmoid) and targets
+``t in [0, 1]``, the soft loss of one row is
 
     L(s, t) = log(1 + sum_i t_i exp(-s_i)) + log(1 + sum_i (1 - t_i) exp(s_i)),
 
@@ -18,9 +18,17 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from kexue.losses.reduction import check_reduction, reduce_loss
-from kexue.ops import logsumexp
-from kexue.ops.logsumexp import check_float_tensor, compute_dtype, exp_flush_
+from kexue.ops import check_reduction, compute_dtype, exp_flush_, logsumexp, reduce_loss
+from kexue.validation import (
+    check_broadcast,
+    check_float_tensor,
+    check_int,
+    check_mask,
+    check_real,
+    check_same_device,
+    check_tensor,
+    renamed_arguments,
+)
 
 # With |s| < R, exp(s) and exp(-s) are normal floats and n of them sum to less than
 # exp(_SUM_CAP) (finite), so the terms need no max-shift.
@@ -42,8 +50,12 @@ def _weights(t: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]
 def _exact_terms(
     s: Tensor, w_pos: Tensor, w_neg: Tensor, keep: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Max-shifted ``lse([0, log w + z])`` for ``z = -s`` and ``z = s``: any finite or
-    masked (``-inf``) score. Returns the row losses and both normalised gradient weights."""
+    """Max-shifted ``lse([0, log w + z])`` for ``z = -s`` and ``z = s``: any finite, masked
+    (``-inf``) or ``+inf`` score. Returns the row losses and both normalised gradient weights.
+
+    A ``+inf`` score with a non-zero weight makes its term ``+inf``; the gradient weights of
+    such a term are shared equally by its infinite entries (as in ``kexue.ops.logsumexp``).
+    """
     ok = ~torch.isneginf(s)
     if keep is not None:
         ok &= keep
@@ -52,10 +64,16 @@ def _exact_terms(
     for z, w in ((-s, w_pos), (s, w_neg)):
         z = torch.where(ok & (w > 0), z, -math.inf)
         m = z.amax(-1, keepdim=True).clamp_min_(0.0)
+        m.nan_to_num_(posinf=torch.finfo(m.dtype).max)  # +inf entries alone give exp = inf
         e = exp_flush_(z - m).mul_(w)
         total = e.sum(-1, keepdim=True).add_(torch.exp(-m))
         loss += (total.log() + m).squeeze(-1)
-        grads.append(e.div_(total))
+        weights = e / total
+        infinite = torch.isinf(total)
+        if bool(infinite.any()):
+            top = torch.isposinf(e).to(e.dtype)
+            weights = torch.where(infinite, top / top.sum(-1, keepdim=True).clamp_min_(1), weights)
+        grads.append(weights)
     return loss, grads[0], grads[1]
 
 
@@ -112,26 +130,22 @@ class _DenseZLPR(torch.autograd.Function):
         return out, None, None, None
 
 
-def _check_weight(weight: Tensor | None, rows: torch.Size) -> Tensor | None:
+def _check_weight(weight: Tensor | None, scores: Tensor) -> Tensor | None:
     if weight is None:
         return None
     check_float_tensor(weight, "weight")
-    try:
-        ok = torch.broadcast_shapes(weight.shape, rows) == rows
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"weight of shape {tuple(weight.shape)} must broadcast to the per-row loss shape "
-            f"{tuple(rows)} (scores.shape[:-1])"
-        )
-    return weight
+    check_same_device(("scores", scores), ("weight", weight))
+    return check_broadcast(weight, scores.shape[:-1], "weight", "the per-row loss (scores[..., 0])")
 
 
-def _check_scores(scores: Tensor) -> Tensor:
-    check_float_tensor(scores, "scores")
+def _check_scores(scores: object) -> Tensor:
+    scores = check_float_tensor(scores, "scores")
     if scores.ndim < 1:
         raise ValueError("scores must have shape (..., n) with at least one dimension")
+    if scores.shape[-1] == 0:
+        raise ValueError(
+            f"scores must hold at least one class (last dimension), got shape {tuple(scores.shape)}"
+        )
     return scores
 
 
@@ -139,24 +153,20 @@ def _shifted(scores: Tensor, threshold: float | Tensor) -> Tensor:
     s = scores.to(compute_dtype(scores.dtype))
     if isinstance(threshold, Tensor):
         check_float_tensor(threshold, "threshold")
-        try:
-            ok = torch.broadcast_shapes(threshold.shape, s.shape) == s.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"threshold of shape {tuple(threshold.shape)} must broadcast to scores' shape "
-                f"{tuple(s.shape)}"
-            )
+        check_same_device(("scores", scores), ("threshold", threshold))
+        check_broadcast(threshold, s.shape, "threshold", "scores")
         return s - threshold.to(s.dtype)
-    if not isinstance(threshold, int | float) or not math.isfinite(threshold):
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise TypeError(f"threshold must be a finite number or a tensor, got {threshold!r}")
+    if not math.isfinite(threshold):
         raise TypeError(f"threshold must be a finite number or a tensor, got {threshold!r}")
     return s - threshold if threshold != 0 else s
 
 
+@renamed_arguments(targets="target")
 def zlpr_loss(
     scores: Tensor,
-    targets: Tensor,
+    target: Tensor,
     *,
     mask: Tensor | None = None,
     threshold: float | Tensor = 0.0,
@@ -166,13 +176,17 @@ def zlpr_loss(
 ) -> Tensor:
     """ZLPR loss ``log(1 + sum_i t_i e^{-(s_i - s_0)}) + log(1 + sum_i (1 - t_i) e^{s_i - s_0})``.
 
+    ``docs/guides/losses.md`` ("Soft labels", "Pitfalls") derives it and its edge cases.
+
     Args:
-        scores: raw scores, shape ``(..., n)``, any floating dtype (float16/bfloat16 are
-            computed in float32; the loss is returned in float32 then).
-        targets: same shape; ``bool`` for hard labels (fastest) or floating in ``[0, 1]``
-            (hard 0/1 or soft). ``t < eps`` counts as exactly 0 (its ``-s`` term is dropped),
-            ``t > 1 - eps`` as exactly 1 (its ``+s`` term is dropped): no clipping, so scores
-            masked to huge negative values cannot blow the loss up.
+        scores: raw scores, shape ``(..., n)`` with ``n >= 1``, any floating dtype
+            (float16/bfloat16 are computed in float32; the loss is returned in float32 then).
+        target: the labels ``t``, same shape (like ``torch.nn.functional``'s ``target``);
+            ``bool`` for hard labels (fastest) or floating in ``[0, 1]`` (hard 0/1 or soft).
+            ``t < eps`` counts as exactly 0 (its ``-s`` term is dropped), ``t > 1 - eps`` as
+            exactly 1 (its ``+s`` term is dropped): no clipping, so scores masked to huge
+            negative values cannot blow the loss up. (Formerly ``targets``, still accepted
+            with a ``DeprecationWarning``.)
         mask: optional boolean tensor broadcastable to ``scores``; ``False`` marks a class that
             does not exist for this row: it contributes nothing and gets zero gradient. A
             score of ``-inf`` is treated the same way.
@@ -184,53 +198,51 @@ def zlpr_loss(
 
     Returns:
         The loss, reduced, or of shape ``scores.shape[:-1]`` with ``reduction="none"``.
-        Gradients flow to ``scores`` (and to ``targets`` if they require grad).
+        Gradients flow to ``scores`` (and to ``target`` if it requires grad). A ``+inf`` score
+        on a class with ``t < 1`` gives ``+inf`` (as ``BCEWithLogitsLoss`` does); its gradient
+        is the limit of the finite case: 1 on that score (shared equally by a row's infinite
+        scores), 0 on the row's other ``+s`` terms; a ``+inf`` score with ``t = 1`` drops out.
+
+    Raises:
+        TypeError: ``scores`` is not a floating tensor, ``target`` neither bool nor floating.
+        ValueError: ``scores`` has no class, ``target`` has another shape or values outside
+            ``[0, 1]``, tensors on different devices, bad ``reduction``/``eps``/``mask``.
     """
     _check_scores(scores)
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    if targets.shape != scores.shape:
+    check_tensor(target, "target")
+    check_same_device(("scores", scores), ("target", target))
+    if target.shape != scores.shape:
         raise ValueError(
-            f"targets must have the same shape as scores {tuple(scores.shape)}, "
-            f"got {tuple(targets.shape)}"
+            f"target must have the same shape as scores {tuple(scores.shape)}, "
+            f"got {tuple(target.shape)}"
         )
     check_reduction(reduction)
-    if not (isinstance(eps, int | float) and 0 <= eps < 0.5):
-        raise ValueError(f"eps must be a number in [0, 0.5), got {eps!r}")
-    weight = _check_weight(weight, scores.shape[:-1])
+    eps = check_real(eps, "eps", low=0.0, high=0.5, high_open=True)
+    weight = _check_weight(weight, scores)
     s = _shifted(scores, threshold)
 
     keep = None
     if mask is not None:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError("mask must be a boolean tensor broadcastable to scores (True = keep)")
-        try:
-            ok = torch.broadcast_shapes(mask.shape, s.shape) == s.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"mask of shape {tuple(mask.shape)} must broadcast to scores' shape "
-                f"{tuple(s.shape)}"
-            )
+        check_mask(mask, s.shape, "mask", "scores")
+        check_same_device(("scores", scores), ("mask", mask))
         keep = mask.expand(s.shape)
 
-    if targets.is_floating_point():
-        lo, hi = torch.aminmax(targets.detach())
+    if target.is_floating_point():
+        lo, hi = torch.aminmax(target.detach()) if target.numel() else (s.new_zeros(()),) * 2
         if torch.isnan(lo) or torch.isnan(hi):
-            raise ValueError("targets contain NaN; expected values in [0, 1]")
+            raise ValueError("target contains NaN; expected values in [0, 1]")
         if lo < 0 or hi > 1:
             raise ValueError(
-                f"targets must lie in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}]"
+                f"target must lie in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}]"
             )
-        t = targets.to(s.dtype)
-        if targets.requires_grad:
+        t = target.to(s.dtype)
+        if target.requires_grad:
             return reduce_loss(_composite_zlpr(s, t, keep, eps), reduction, weight)
-    elif targets.dtype == torch.bool:
-        t = targets
+    elif target.dtype == torch.bool:
+        t = target
     else:
         raise TypeError(
-            f"targets must be bool (hard labels) or floating in [0, 1], got dtype {targets.dtype}"
+            f"target must be bool (hard labels) or floating in [0, 1], got dtype {target.dtype}"
         )
     rows = s.shape[:-1]
     n = s.shape[-1]
@@ -240,7 +252,7 @@ def zlpr_loss(
 
 
 def _composite_zlpr(s: Tensor, t: Tensor, keep: Tensor | None, eps: float) -> Tensor:
-    """Autograd-composed loss, differentiable in ``t`` too (used when targets need grad)."""
+    """Autograd-composed loss, differentiable in ``t`` too (used when the target needs grad)."""
     zero_pos, zero_neg = (t < eps) | (t <= 0), (t > 1.0 - eps) | (t >= 1)
     log_tp = torch.where(zero_pos, 1.0, t).log().masked_fill(zero_pos, -math.inf)
     log_tn = torch.where(zero_neg, 0.0, t).neg().log1p().masked_fill(zero_neg, -math.inf)
@@ -252,9 +264,10 @@ def _composite_zlpr(s: Tensor, t: Tensor, keep: Tensor | None, eps: float) -> Te
     return pos + neg
 
 
+@renamed_arguments(positives="target")
 def sparse_zlpr_loss(
     scores: Tensor,
-    positives: Tensor,
+    target: Tensor,
     *,
     ignore_index: int = -1,
     reduction: str = "mean",
@@ -263,33 +276,37 @@ def sparse_zlpr_loss(
 ) -> Tensor:
     """Hard ZLPR loss from positive class indices, never building a dense label tensor.
 
-    ``positives`` has shape ``(..., k)`` (integer class indices in ``[0, n)``, padded with
-    ``ignore_index``; duplicates count once). With ``a = lse([0, s])`` over all classes and
-    ``b = lse(s_P)``, the negative term ``log(1 + sum_N e^{s_i})`` is ``a + log1p(-e^{b - a})``;
-    rows where the positives hold more than half of the mass (where that subtraction would
-    cancel) are recomputed exactly with the positives excluded, so the result stays accurate,
-    finite and non-negative.
+    ``target`` holds the positive classes of each row (as ``target`` of
+    ``torch.nn.functional.multilabel_margin_loss``): shape ``(..., k)``, integer class indices
+    in ``[0, n)`` padded with ``ignore_index``; duplicates count once. (Formerly
+    ``positives``, still accepted with a ``DeprecationWarning``.) With ``a = lse([0, s])``
+    over all classes and ``b = lse(s_P)``, the negative term ``log(1 + sum_N e^{s_i})`` is
+    ``a + log1p(-e^{b - a})``; rows where the positives hold more than half of the mass (where
+    that subtraction would cancel) are recomputed exactly with the positives excluded, so the
+    result stays accurate, finite and non-negative (``docs/guides/losses.md``, "Sparse
+    labels"). Other arguments and ``+inf`` scores as in :func:`zlpr_loss`.
     """
     _check_scores(scores)
-    if not isinstance(positives, Tensor):
-        raise TypeError(f"positives must be a torch.Tensor, got {type(positives).__name__}")
-    if positives.is_floating_point() or positives.is_complex() or positives.dtype == torch.bool:
+    check_tensor(target, "target")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(
-            f"positives must be an integer tensor of class indices, got dtype {positives.dtype}"
+            f"target must be an integer tensor of positive class indices, got dtype {target.dtype}"
         )
-    if positives.ndim != scores.ndim or positives.shape[:-1] != scores.shape[:-1]:
+    check_same_device(("scores", scores), ("target", target))
+    if target.ndim != scores.ndim or target.shape[:-1] != scores.shape[:-1]:
         raise ValueError(
-            f"positives must have shape (..., k) with the leading dims of scores "
-            f"{tuple(scores.shape[:-1])}, got {tuple(positives.shape)}"
+            f"target must have shape (..., k) with the leading dims of scores "
+            f"{tuple(scores.shape[:-1])}, got {tuple(target.shape)}"
         )
     check_reduction(reduction)
-    weight = _check_weight(weight, scores.shape[:-1])
+    ignore_index = check_int(ignore_index, "ignore_index")
+    weight = _check_weight(weight, scores)
     n = scores.shape[-1]
-    positives = positives.long()
+    positives = target.long()
     valid = positives != ignore_index
     if positives.numel() and ((positives[valid] < 0) | (positives[valid] >= n)).any():
         raise ValueError(
-            f"positives must hold class indices in [0, {n}) or ignore_index={ignore_index}"
+            f"target must hold class indices in [0, {n}) or ignore_index={ignore_index}"
         )
     s = _shifted(scores, threshold)
 
@@ -304,7 +321,8 @@ def sparse_zlpr_loss(
     pos = logsumexp(-s_pos, mask=valid, implicit_zero=True)
     a = logsumexp(s, implicit_zero=True)
     b = logsumexp(s_pos, mask=valid)
-    ratio = torch.exp(b - a)
+    gap = b - a  # NaN only where a positive and a negative score are both +inf
+    ratio = torch.exp(torch.where(torch.isnan(gap), 0.0, gap))
     neg = a + torch.log1p(-ratio.clamp(max=0.5))
     hard = ratio > 0.5
     if hard.any():  # padding points at an extra column n, dropped after the scatter
@@ -323,11 +341,13 @@ def zlpr_probabilities(scores: Tensor) -> Tensor:
 def zlpr_predict(scores: Tensor, threshold: float | Tensor = 0.0) -> Tensor:
     """Decision rule of ZLPR: class i is predicted iff ``s_i > threshold`` (boolean tensor)."""
     check_float_tensor(scores, "scores")
+    if isinstance(threshold, Tensor):
+        check_same_device(("scores", scores), ("threshold", threshold))
     return scores > threshold
 
 
 class ZLPRLoss(nn.Module):
-    """``nn.Module`` form of :func:`zlpr_loss`; ``forward(scores, targets, mask=None)``."""
+    """``nn.Module`` form of :func:`zlpr_loss`; ``forward(scores, target, mask=None)``."""
 
     def __init__(
         self, *, threshold: float = 0.0, reduction: str = "mean", eps: float = 1e-7
@@ -336,16 +356,17 @@ class ZLPRLoss(nn.Module):
         check_reduction(reduction)
         self.threshold, self.reduction, self.eps = threshold, reduction, eps
 
+    @renamed_arguments(targets="target")
     def forward(
         self,
         scores: Tensor,
-        targets: Tensor,
+        target: Tensor,
         mask: Tensor | None = None,
         weight: Tensor | None = None,
     ) -> Tensor:
         return zlpr_loss(
             scores,
-            targets,
+            target,
             mask=mask,
             threshold=self.threshold,
             reduction=self.reduction,
@@ -358,7 +379,8 @@ class ZLPRLoss(nn.Module):
 
 
 class SparseZLPRLoss(nn.Module):
-    """``nn.Module`` form of :func:`sparse_zlpr_loss`; ``forward(scores, positives)``."""
+    """``nn.Module`` form of :func:`sparse_zlpr_loss`; ``forward(scores, target)`` with
+    ``target`` the positive class indices."""
 
     def __init__(
         self, *, ignore_index: int = -1, reduction: str = "mean", threshold: float = 0.0
@@ -367,10 +389,11 @@ class SparseZLPRLoss(nn.Module):
         check_reduction(reduction)
         self.ignore_index, self.reduction, self.threshold = ignore_index, reduction, threshold
 
-    def forward(self, scores: Tensor, positives: Tensor, weight: Tensor | None = None) -> Tensor:
+    @renamed_arguments(positives="target")
+    def forward(self, scores: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         return sparse_zlpr_loss(
             scores,
-            positives,
+            target,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             threshold=self.threshold,

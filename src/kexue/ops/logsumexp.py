@@ -1,7 +1,7 @@
 """Stable logsumexp with boolean masks, an implicit zero term, and its proven bounds.
 
-Notation of ``../shared/reference/logsumexp.md``: ``lse(x) = log sum_i exp(x_i)``,
-``x_max = max_i x_i``, ``n`` the number of entries reduced over.
+Notation of ``docs/guides/ops.md``: ``lse(x) = log sum_i exp(x_i)``, ``x_max = max_i x_i``,
+``n`` the number of entries reduced over.
 """
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kexue.validation import (
+    check_dim,
+    check_float_tensor,
+    check_mask,
+    check_real,
+    check_same_device,
+)
+
 Dim = int | Sequence[int]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def check_float_tensor(x: object, name: str) -> Tensor:
-    """Raise ``TypeError`` naming ``name`` unless ``x`` is a floating-point tensor."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    return x
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,37 +32,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def _dims(dim: Dim, ndim: int, name: str = "dim") -> tuple[int, ...]:
-    dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    if not dims or not all(isinstance(d, int) for d in dims):
-        raise TypeError(f"{name} must be an int or a non-empty sequence of ints, got {dim!r}")
-    out = []
-    for d in dims:
-        if not -max(ndim, 1) <= d < max(ndim, 1):
-            raise ValueError(f"{name}={d} is out of range for a tensor with {ndim} dimensions")
-        out.append(d % max(ndim, 1))
+def _dims(dim: Dim, ndim: int) -> tuple[int, ...]:
+    """``dim`` (an int or a non-empty sequence of distinct ints) as sorted non-negative dims."""
+    if isinstance(dim, Sequence) and not isinstance(dim, str):
+        if not dim:
+            raise TypeError("dim must be an int or a non-empty sequence of ints, got ()")
+        dims = tuple(dim)
+    else:
+        dims = (dim,)
+    out = [check_dim(d, ndim) for d in dims]
     if len(set(out)) != len(out):
-        raise ValueError(f"{name} repeats a dimension: {dim!r}")
+        raise ValueError(f"dim repeats a dimension: {dim!r}")
     return tuple(sorted(out))
 
 
 def _count(x: Tensor, dims: tuple[int, ...]) -> int:
     return math.prod(x.shape[d] for d in dims) if x.ndim else 1
-
-
-def _check_mask(mask: object, x: Tensor) -> Tensor:
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a boolean tensor (True = keep), got {got}")
-    try:
-        shape = torch.broadcast_shapes(mask.shape, x.shape)
-    except RuntimeError:
-        shape = None
-    if shape != x.shape:
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} must broadcast to x's shape {tuple(x.shape)}"
-        )
-    return mask
 
 
 # Below these arguments exp() is denormal or zero, and on CPUs it then runs 10-100x slower.
@@ -89,7 +73,9 @@ class _LogSumExp(torch.autograd.Function):
 
     Saves the normalised weights ``exp(x - out)`` (the softmax), so the backward is a single
     multiply. All-dropped rows give ``-inf`` (or 0 with the implicit zero) and a zero
-    gradient, where ``torch.logsumexp`` would back-propagate ``exp(-inf + inf) = nan``.
+    gradient, where ``torch.logsumexp`` would back-propagate ``exp(-inf + inf) = nan``. Rows
+    holding ``+inf`` give ``+inf``; their gradient is shared equally by their ``+inf`` entries
+    (the limit of the softmax weights), where ``torch.logsumexp`` gives ``nan``.
     """
 
     @staticmethod
@@ -99,20 +85,38 @@ class _LogSumExp(torch.autograd.Function):
         m = x.amax(dim=dims, keepdim=True)
         if implicit_zero:
             m.clamp_min_(0.0)
-        m.masked_fill_(~torch.isfinite(m), 0.0)
+        # An all -inf row shifts by 0; a row with +inf by the largest float, so that its
+        # +inf entries alone give exp = inf (the others 0): the backward finds them there.
+        torch.nan_to_num_(m, nan=0.0, posinf=torch.finfo(m.dtype).max, neginf=0.0)
         e = exp_flush_(x - m)
         s = e.sum(dim=dims, keepdim=True)
         if implicit_zero:
             s.add_(torch.exp(-m))
         out = s.log().add_(m)
         ctx.save_for_backward(e, s)
+        ctx.dims = dims
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         e, s = ctx.saved_tensors
-        return e * torch.where(s > 0, grad / s, 0.0), None, None, None
+        out = e * torch.where(s > 0, grad / s, 0.0)
+        infinite = torch.isinf(s)
+        if bool(infinite.any()):
+            out = torch.where(infinite, _share_infinite(e, grad, ctx.dims), out)
+        return out, None, None, None
+
+
+def _share_infinite(weights: Tensor, grad: Tensor, dims: int | tuple[int, ...] = -1) -> Tensor:
+    """``grad`` split equally among the ``+inf`` entries of ``weights`` along ``dims``.
+
+    The gradient of ``lse`` at a row holding ``+inf``: the limit of the softmax weights, which
+    put all the mass, in equal parts, on the largest entries.
+    """
+    top = torch.isposinf(weights)
+    count = top.sum(dims, keepdim=True).clamp_min_(1)
+    return top * (grad / count)
 
 
 def logsumexp(
@@ -139,7 +143,10 @@ def logsumexp(
 
     Returns:
         The reduced tensor. An empty or all-masked row gives ``-inf`` (``0`` with
-        ``implicit_zero``), with zero, finite gradients.
+        ``implicit_zero``), with zero, finite gradients. A row holding ``+inf`` gives ``+inf``,
+        its gradient shared equally by its ``+inf`` entries (the limit of the softmax).
+
+    See ``docs/guides/ops.md`` ("Computing lse stably").
     """
     check_float_tensor(x, "x")
     dims = _dims(dim, x.ndim)
@@ -147,7 +154,8 @@ def logsumexp(
         x = x.reshape(1)
     work = x.to(compute_dtype(x.dtype))
     if mask is not None:
-        _check_mask(mask, x)
+        check_mask(mask, x.shape, "mask", "x")
+        check_same_device(("x", x), ("mask", mask))
     if x.numel() == 0:
         shape = [1 if d in dims else size for d, size in enumerate(x.shape)]
         out = torch.full(shape, 0.0 if implicit_zero else -math.inf, dtype=work.dtype)
@@ -165,8 +173,8 @@ def smooth_max(
     """Smooth maximum ``tau * lse(x / tau)`` with ``x_max < result <= x_max + tau * log n``.
 
     Give either ``tau`` (temperature, default 1) or ``max_error``: then ``tau = max_error /
-    log n`` so the result exceeds the true maximum by at most ``max_error`` (inequality 2 of
-    the reference). With ``n = 1`` the smooth max is the entry itself.
+    log n`` so the result exceeds the true maximum by at most ``max_error``
+    (``docs/guides/ops.md``, inequality 2). With ``n = 1`` the smooth max is the entry itself.
     """
     check_float_tensor(x, "x")
     if tau is not None and max_error is not None:
@@ -174,13 +182,11 @@ def smooth_max(
     dims = _dims(dim, x.ndim)
     n = _count(x, dims)
     if max_error is not None:
-        if not (isinstance(max_error, int | float) and max_error > 0 and math.isfinite(max_error)):
-            raise ValueError(f"max_error must be a positive finite number, got {max_error!r}")
-        tau = max_error / math.log(n) if n > 1 else float(max_error)
+        max_error = check_real(max_error, "max_error", low=0.0, low_open=True)
+        tau = max_error / math.log(n) if n > 1 else max_error
     elif tau is None:
         tau = 1.0
-    if not (isinstance(tau, int | float) and tau > 0 and math.isfinite(tau)):
-        raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+    tau = check_real(tau, "tau", low=0.0, low_open=True)
     work = x.to(compute_dtype(x.dtype))  # x / tau could overflow in float16
     return (tau * logsumexp(work / tau, dims)).to(x.dtype)
 
@@ -193,10 +199,17 @@ class LSEBounds(NamedTuple):
 
 
 def logsumexp_bounds(x: Tensor, dim: Dim = -1, *, keepdim: bool = False) -> LSEBounds:
-    """Basic bounds ``x_max < lse(x) <= x_max + log n`` (inequality 1 of the reference)."""
+    """Basic bounds ``x_max < lse(x) <= x_max + log n`` (``docs/guides/ops.md``, inequality 1).
+
+    Raises ``ValueError`` when ``dim`` holds no entry (``n = 0``: no maximum to bound by).
+    """
     check_float_tensor(x, "x")
     dims = _dims(dim, x.ndim)
     n = _count(x, dims)
+    if n == 0:
+        raise ValueError(
+            f"x must hold at least one entry along dim={dim!r}, got shape {tuple(x.shape)}"
+        )
     lower = x.amax(dim=dims, keepdim=keepdim)
     return LSEBounds(lower, lower + math.log(n))
 
@@ -204,6 +217,9 @@ def logsumexp_bounds(x: Tensor, dim: Dim = -1, *, keepdim: bool = False) -> LSEB
 def renyi_entropy(p: Tensor, order: float = 1.0, dim: int = -1) -> Tensor:
     """Rényi entropy ``H_t(p) = log(sum_i p_i^t) / (1 - t)``; Shannon at ``t = 1``,
     ``-log max p`` at ``t = inf``. Zero probabilities contribute nothing."""
+    check_float_tensor(p, "p")
+    order = check_real(order, "order", low=0.0, finite=False)
+    check_dim(dim, p.ndim)
     if order == 1.0:
         return torch.special.entr(p).sum(dim)
     if math.isinf(order):
@@ -214,7 +230,8 @@ def renyi_entropy(p: Tensor, order: float = 1.0, dim: int = -1) -> Tensor:
 def logsumexp_lower_bound(x: Tensor, p: Tensor, *, order: float = 1.0, dim: int = -1) -> Tensor:
     """Lower bound ``lse(x) >= sum_i p_i x_i + H_t(p)`` for a probability vector ``p``.
 
-    ``H_t`` is the Rényi entropy of order ``t = order >= 1`` (inequality 4 of the reference):
+    ``H_t`` is the Rényi entropy of order ``t = order >= 1`` (``docs/guides/ops.md``,
+    inequality 4):
     ``t = 2`` is the Cauchy–Schwarz bound ``- log sum p_i^2``, ``t > 1`` the Hölder bound
     ``- log(sum p_i^t) / (t - 1)``, ``t = 1`` the Shannon bound, tight iff ``p = softmax(x)``
     with gap ``KL(p || softmax(x))``. A uniform ``p`` gives the mean bound
@@ -222,10 +239,12 @@ def logsumexp_lower_bound(x: Tensor, p: Tensor, *, order: float = 1.0, dim: int 
     """
     check_float_tensor(x, "x")
     check_float_tensor(p, "p")
-    if not (isinstance(order, int | float) and order >= 1):
-        raise ValueError(f"order must be a number >= 1 (or math.inf), got {order!r}")
+    check_same_device(("x", x), ("p", p))
+    check_dim(dim, p.ndim)
+    order = check_real(order, "order", low=1.0, finite=False)
+    one = torch.ones((), dtype=p.dtype, device=p.device)
     if (p < 0).any() or not torch.allclose(
-        p.sum(dim), torch.ones((), dtype=p.dtype), atol=1e-5 if p.dtype != torch.float64 else 1e-9
+        p.sum(dim), one, atol=1e-5 if p.dtype != torch.float64 else 1e-9
     ):
         raise ValueError("p must be a probability vector along dim (non-negative, sums to 1)")
     weighted = torch.where(p > 0, p * x, 0.0).sum(dim)

@@ -11,7 +11,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,8 +25,11 @@ from kexue.distributions import (
     uniform,
 )
 from kexue.experiments.timing import median_ms
+from kexue.extras import require
 from kexue.tour.report import Figure, Section, Table
 from kexue.tour.runner import SectionContext
+
+plt = require("matplotlib.pyplot", "tour", "the tour")
 
 TITLE = "Probability maps from perturbed argmax (kexue.distributions)"
 FAMILIES = ("gumbel", "normal", "logistic", "laplace", "uniform")

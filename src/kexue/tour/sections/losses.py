@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from kexue.experiments.canvases import digit_canvases, mnist5k
 from kexue.experiments.multilabel import (
+    MultilabelTrainConfig,
     Split,
-    TrainConfig,
     compare_methods,
     reliability_curve,
     scores_metrics,
@@ -17,8 +16,11 @@ from kexue.experiments.multilabel import (
     trainings_needed,
 )
 from kexue.experiments.speed import LOSS_HEADERS, loss_speed_rows
+from kexue.extras import require
 from kexue.tour.report import Section, Table
 from kexue.tour.runner import SectionContext
+
+plt = require("matplotlib.pyplot", "tour", "the tour")
 
 TITLE = "Multi-label classification with ZLPR (kexue.losses)"
 CLASS_WEIGHTS = 0.6 ** torch.arange(10, dtype=torch.float32)  # class 9 is ~100x rarer than 0
@@ -42,7 +44,7 @@ def _data(seed: int) -> tuple[Split, Split, Split]:
 def run(ctx: SectionContext) -> Section:
     ctx.step("building multi-label MNIST canvases")
     train, val, test = _data(ctx.seed)
-    cfg = TrainConfig(hidden=256, dropout=0.2, epochs=12, batch_size=64)
+    cfg = MultilabelTrainConfig(hidden=256, dropout=0.2, epochs=12, batch_size=64)
     seeds = [ctx.seed, ctx.seed + 1]
     ctx.step("training 6 losses x 2 seeds", total=trainings_needed() * cfg.epochs * len(seeds))
     results = compare_methods(train, val, test, seeds, cfg, on_epoch=ctx.advance)

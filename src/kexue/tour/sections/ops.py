@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from kexue.experiments.speed import LSE_HEADERS, lse_speed_rows
+from kexue.extras import require
 from kexue.ops import logsumexp, logsumexp_bounds, logsumexp_lower_bound, smooth_max
 from kexue.tour.report import Section, Table
 from kexue.tour.runner import SectionContext
+
+plt = require("matplotlib.pyplot", "tour", "the tour")
 
 TITLE = "logsumexp numerics with proven bounds (kexue.ops)"
 

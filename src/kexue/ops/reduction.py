@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from kexue.validation import check_choice
+
+__all__ = ["REDUCTIONS", "check_reduction", "reduce_loss"]
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+def check_reduction(reduction: object) -> str:
+    """``reduction`` if it is ``"mean"``, ``"sum"`` or ``"none"``, else ``ValueError``."""
+    return check_choice(reduction, "reduction", REDUCTIONS)
 
 
 def reduce_loss(loss: Tensor, reduction: str, weight: Tensor | None = None) -> Tensor:

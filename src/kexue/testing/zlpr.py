@@ -1,4 +1,4 @@
-"""Independent float64 reference of the ZLPR loss, written from the spec (multilabel-loss.md).
+"""Independent float64 reference of the ZLPR loss, written from ``docs/guides/losses.md``.
 
 One row at a time, from explicit term lists:
 
@@ -6,7 +6,8 @@ One row at a time, from explicit term lists:
     neg = [log(1 - t_i) + z_i  for kept i unless t_i > 1 - eps (or t_i = 1)]
     L = lse([0] + pos) + lse([0] + neg)
 
-with ``z = s - s0`` and ``kept`` = mask True and ``s_i != -inf``. Only ``math`` is used.
+with ``z = s - s0`` and ``kept`` = mask True and ``s_i != -inf``. Only ``math`` (and
+torch to read tensors) is used; nothing from kexue's losses.
 """
 
 from __future__ import annotations
@@ -15,20 +16,16 @@ import math
 
 import torch
 
+from kexue.testing.logsumexp import lse_terms
+
+__all__ = ["EPS", "zlpr_grad_ref", "zlpr_ref", "zlpr_target_grad_ref"]
+
 EPS = 1e-7
 
 
-def lse(terms: list[float]) -> float:
-    """log sum exp of a non-empty list of floats (``-inf`` entries allowed)."""
-    m = max(terms)
-    if m == -math.inf:
-        return -math.inf
-    return m + math.log(math.fsum(math.exp(v - m) for v in terms))
-
-
-def _rows(scores, targets, mask, threshold):
+def _rows(scores, target, mask, threshold):
     s = scores.detach().double()
-    t = targets.detach().double()
+    t = target.detach().double()
     keep = torch.ones(s.shape, dtype=torch.bool) if mask is None else mask.expand(s.shape)
     s0 = torch.as_tensor(threshold, dtype=torch.float64).expand(s.shape)
     n = s.shape[-1]
@@ -65,49 +62,42 @@ def _row_parts(terms):
             pos.append(lp - z)
         if ln is not None:
             neg.append(ln + z)
-    return lse(pos), lse(neg)
+    return lse_terms(pos), lse_terms(neg)
 
 
-def zlpr_ref(scores, targets, mask=None, threshold=0.0, eps=EPS) -> torch.Tensor:
+def zlpr_ref(scores, target, mask=None, threshold=0.0, eps=EPS) -> torch.Tensor:
     """Per-row loss, float64, shape ``scores.shape[:-1]``."""
     out = []
-    for row in zip(*_rows(scores, targets, mask, threshold), strict=True):
+    for row in zip(*_rows(scores, target, mask, threshold), strict=True):
         l_pos, l_neg = _row_parts(_terms(*row, eps))
         out.append(l_pos + l_neg)
     return torch.tensor(out, dtype=torch.float64).reshape(scores.shape[:-1])
 
 
-def zlpr_grad_ref(scores, targets, mask=None, threshold=0.0, eps=EPS) -> torch.Tensor:
+def _per_class(scores, target, mask, threshold, eps, value) -> torch.Tensor:
+    """``value(z, log t, log(1 - t), l_pos, l_neg)`` for every kept class; 0 for dropped ones."""
+    out = []
+    for row in zip(*_rows(scores, target, mask, threshold), strict=True):
+        terms = _terms(*row, eps)
+        l_pos, l_neg = _row_parts(terms)
+        out.append([0.0 if c is None else value(*c, l_pos, l_neg) for c in terms])
+    return torch.tensor(out, dtype=torch.float64).reshape(scores.shape)
+
+
+def zlpr_grad_ref(scores, target, mask=None, threshold=0.0, eps=EPS) -> torch.Tensor:
     """dL/ds (per-row loss summed), float64: softmax weights of the two term lists."""
-    out = []
-    for row in zip(*_rows(scores, targets, mask, threshold), strict=True):
-        terms = _terms(*row, eps)
-        l_pos, l_neg = _row_parts(terms)
-        grad = []
-        for c in terms:
-            if c is None:
-                grad.append(0.0)
-                continue
-            z, lp, ln = c
-            g = math.exp(ln + z - l_neg) if ln is not None else 0.0
-            g -= math.exp(lp - z - l_pos) if lp is not None else 0.0
-            grad.append(g)
-        out.append(grad)
-    return torch.tensor(out, dtype=torch.float64).reshape(scores.shape)
+
+    def grad(z, lp, ln, l_pos, l_neg):
+        g = math.exp(ln + z - l_neg) if ln is not None else 0.0
+        return g - (math.exp(lp - z - l_pos) if lp is not None else 0.0)
+
+    return _per_class(scores, target, mask, threshold, eps, grad)
 
 
-def zlpr_target_grad_ref(scores, targets, mask=None, threshold=0.0, eps=EPS) -> torch.Tensor:
+def zlpr_target_grad_ref(scores, target, mask=None, threshold=0.0, eps=EPS) -> torch.Tensor:
     """dL/dt (per-row loss summed) for targets strictly inside (eps, 1 - eps), float64."""
-    out = []
-    for row in zip(*_rows(scores, targets, mask, threshold), strict=True):
-        terms = _terms(*row, eps)
-        l_pos, l_neg = _row_parts(terms)
-        grad = []
-        for c in terms:
-            if c is None:
-                grad.append(0.0)
-                continue
-            z, _, _ = c
-            grad.append(math.exp(-z - l_pos) - math.exp(z - l_neg))
-        out.append(grad)
-    return torch.tensor(out, dtype=torch.float64).reshape(scores.shape)
+
+    def grad(z, lp, ln, l_pos, l_neg):
+        return math.exp(-z - l_pos) - math.exp(z - l_neg)
+
+    return _per_class(scores, target, mask, threshold, eps, grad)

@@ -1,0 +1,37 @@
+"""``benchmarks/perturbed_argmax.py``: the smoke plan measures (JSON beside the page) and
+renders the page; re-rendering from the JSON alone gives the same page (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench(*args: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "benchmarks/perturbed_argmax.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_smoke_plan_measures_and_renders(tmp_path: Path) -> None:
+    _bench("--plan", "smoke", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "distributions.json").read_text())
+    assert results["plan"] == "smoke"
+    assert set(results["convergence"]["errors"]) == {"10", "100"}
+    page = (tmp_path / "distributions.md").read_text()
+    assert "Smoke plan" in page and "## Goals of the issue, as measured" in page
+    assert (tmp_path / "distributions-convergence.png").read_bytes()[:4] == b"\x89PNG"
+    _bench("--render-only", "--out", str(tmp_path))
+    assert (tmp_path / "distributions.md").read_text() == page
