@@ -1,5 +1,8 @@
 """Benchmark of kexue.hubness -> docs/benchmarks/hubness.md (+ hubness.json, hubness-*.png).
 
+Parts (each a plan of ``benchmarks/_common.main``; a part's numbers are merged into the
+``hubness.json`` beside the page, which is rendered from every stored part):
+
 1. ``knn``: exact k-occurrence of N = 10k i.i.d. N(0, I) points, d = 512, k = 5, float32, in
    one process: kexue (torch) vs the article's NumPy computation (|a|^2 + |b|^2 - 2ab against
    chunks of 1,000 queries, full argsort per column) vs the same with argpartition vs
@@ -9,18 +12,17 @@
    queries; faiss IVF and HNSW: time, recall, k-occurrence error) and N = 1M (HNSW on all
    points; recall on random queries; exact k-occurrence of random points, computed exactly by
    re-searching every query that could hold them; exact search time extrapolated).
+   ``--exact-1m GPU_OUT`` compares with the exact 1M lists that the ``gpu`` part wrote.
 3. ``sampling``: the shipped MNIST-5k diffusion model as a deterministic generator (DDIM,
    eta = 0, fixed K): equal numbers of images from random, hub-prior, truncated and scaled
    latents; Fréchet distance, confidence, label entropy, precision and recall.
+4. ``gpu``: the torch backend on CUDA (correctness against the CPU, speed against the Gram
+   floor) and the exact lists of the 1M set, written to ``--out`` (run on a GPU machine, then
+   merged here with ``--import-json GPU_OUT/hubness.json``).
 
-Each part stores its numbers in ``hubness.json`` next to the Markdown, which is rebuilt from
-every stored part; run the heavy parts under the shared lock:
-
-    flock /tmp/kexue-heavy.lock .venv/bin/python benchmarks/hubness.py --part knn
-    flock /tmp/kexue-heavy.lock .venv/bin/python benchmarks/hubness.py --part large
-    flock /tmp/kexue-heavy.lock .venv/bin/python benchmarks/hubness.py --part sampling
-
-``--quick`` runs everything small and writes to /tmp/kexue-hubness-quick (smoke test).
+Plans: ``smoke`` (every CPU part at toy sizes, into a temporary folder; what the slow test
+runs), ``default`` (the CPU parts 1-3), or one part by name. Heavy plans take the shared CPU
+lock (``benchmarks/_common.heavy_lock``). ``--render-only`` rewrites the page from the JSON.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -44,15 +46,14 @@ import numpy as np
 import torch
 from scipy import stats
 
+from _common import Table, command_line, machine_line, main, markdown_table, wall_seconds
 from kexue.experiments.machine import machine_info
-from kexue.experiments.tables import Table, markdown_table
 from kexue.hubness import k_occurrence, k_skewness, knn, neighbor_recall, occurrence_counts
-from kexue.hubness.knn import _GROUP, _smallest_k  # the selection step alone (ablation)
+from kexue.hubness.knn import SELECTION_GROUP, smallest_k_grouped  # the selection alone
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks"
 K = 5
 PARTS = ("knn", "large", "sampling", "gpu")
+PLANS = ("smoke", "default", *PARTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,17 +99,6 @@ def sklearn_counts(X: np.ndarray, k: int) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=len(X))
 
 
-def timed(fn, repeats: int, warmup: bool = True) -> tuple[float, object]:
-    """Median wall seconds over ``repeats`` calls (after one untimed call if ``warmup``)."""
-    out = fn() if warmup else None
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 # ---------------------------------------------------------------------------------------------
 # part 1: exact k-occurrence at N = 10k
 
@@ -121,24 +111,30 @@ def part_knn(quick: bool) -> dict:
     buffer = torch.empty(n, n)
     print(f"[knn] N = {n}, d = {d}, k = {K}", flush=True)
     results = {}
-    results["gram_new"], _ = timed(lambda: X @ X.T, reps)
-    results["gram_out"], _ = timed(functools.partial(torch.mm, X, X.T, out=buffer), reps)
+    results["gram_new"], _ = wall_seconds(lambda: X @ X.T, reps)
+    results["gram_out"], _ = wall_seconds(functools.partial(torch.mm, X, X.T, out=buffer), reps)
     # ablation: the selection alone, on the Gram block, torch.topk vs group minima
     topk = functools.partial(torch.topk, buffer, K, dim=1, largest=False)
-    results["select_topk"], _ = timed(topk, reps)
-    group = _GROUP
+    results["select_topk"], _ = wall_seconds(topk, reps)
+    group = SELECTION_GROUP
     width = n + (-n % (group * 16) if n >= 8192 else -n % group)
     padded = torch.full((n, width), math.inf)
     padded[:, :n] = buffer
     del buffer, topk
-    results["select_groups"], _ = timed(functools.partial(_smallest_k, padded, K, group), reps)
+    results["select_groups"], _ = wall_seconds(
+        functools.partial(smallest_k_grouped, padded, K, group), reps
+    )
     del padded
-    results["gram_numpy"], _ = timed(lambda: Xn @ Xn.T, reps)
-    results["kexue"], ours = timed(lambda: k_occurrence(X, K), reps)
-    results["kexue_faiss"], faiss_counts = timed(lambda: k_occurrence(X, K, backend="faiss"), reps)
-    results["sklearn"], sk = timed(lambda: sklearn_counts(Xn, K), max(2, reps - 2))
-    results["numpy_argpartition"], npp = timed(lambda: numpy_argpartition(Xn, K), 2, False)
-    results["numpy_article"], art = timed(lambda: numpy_article(Xn, K), 2, False)
+    results["gram_numpy"], _ = wall_seconds(lambda: Xn @ Xn.T, reps)
+    results["kexue"], ours = wall_seconds(lambda: k_occurrence(X, K), reps)
+    results["kexue_faiss"], faiss_counts = wall_seconds(
+        lambda: k_occurrence(X, K, backend="faiss"), reps
+    )
+    results["sklearn"], sk = wall_seconds(lambda: sklearn_counts(Xn, K), max(2, reps - 2))
+    results["numpy_argpartition"], npp = wall_seconds(
+        lambda: numpy_argpartition(Xn, K), 2, warmup=False
+    )
+    results["numpy_article"], art = wall_seconds(lambda: numpy_article(Xn, K), 2, warmup=False)
     exact = k_occurrence(X.double(), K).numpy()
     counts = {
         "kexue": ours.numpy(),
@@ -155,8 +151,9 @@ def part_knn(quick: bool) -> dict:
         "seconds": results,
         "points_with_nk_differing_from_float64": disagree,
         "k_skewness": k_skewness(exact),
+        "tie_rule": True,
         "threads": {"torch": torch.get_num_threads(), "numpy_blas": _blas_threads()},
-        "command": _command(),
+        "command": command_line(),
     }
 
 
@@ -264,7 +261,7 @@ def load_exact_lists(folder: Path, X: torch.Tensor) -> tuple[np.ndarray | None, 
 
 
 def part_large(quick: bool, skip_1m: bool, exact_dir: Path | None = None) -> dict:
-    out: dict = {"command": _command(), "k": K, "d": 512}
+    out: dict = {"command": command_line(), "k": K, "d": 512}
     n = 20_000 if quick else 100_000
     gen = torch.Generator().manual_seed(1)
     X = torch.randn(n, 512, generator=gen)
@@ -274,8 +271,10 @@ def part_large(quick: bool, skip_1m: bool, exact_dir: Path | None = None) -> dic
     exact_seconds = time.perf_counter() - t0
     exact_nk = occurrence_counts(exact.indices, n).numpy()
     queries = torch.randperm(n, generator=gen)[: n // 10]
-    t_torch_q, _ = timed(lambda: knn(X, K, rows=queries), 1, False)
-    t_faiss_q, flat = timed(lambda: knn(X, K, rows=queries, backend="faiss"), 1, False)
+    t_torch_q, _ = wall_seconds(lambda: knn(X, K, rows=queries), 1, warmup=False)
+    t_faiss_q, flat = wall_seconds(
+        lambda: knn(X, K, rows=queries, backend="faiss"), 1, warmup=False
+    )
     small = {
         "n": n,
         "exact_torch_seconds": exact_seconds,
@@ -401,7 +400,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _gpu_timed(fn, repeats: int = 3) -> float:
+def _gpu_wall_seconds(fn, repeats: int = 3) -> float:
     fn()
     _sync()
     times = []
@@ -472,8 +471,8 @@ def part_gpu(quick: bool, out_dir: Path) -> dict:
             for lo in range(0, len(X), chunk):
                 torch.mm(X[lo : lo + chunk], X.T, out=block[: len(X[lo : lo + chunk])])
 
-        t_floor = _gpu_timed(floor)
-        t_ours = _gpu_timed(lambda X=X, chunk=chunk: k_occurrence(X, K, chunk_size=chunk))
+        t_floor = _gpu_wall_seconds(floor)
+        t_ours = _gpu_wall_seconds(lambda X=X, chunk=chunk: k_occurrence(X, K, chunk_size=chunk))
         timing.append({"n": n, "gram_seconds": t_floor, "kexue_seconds": t_ours})
         del X, block
     result = {
@@ -481,7 +480,7 @@ def part_gpu(quick: bool, out_dir: Path) -> dict:
         "torch": torch.__version__,
         "checks": checks,
         "timing": timing,
-        "command": _command(),
+        "command": command_line(),
     }
     n = 20_000 if quick else 1_000_000
     X = million_points(n)
@@ -513,15 +512,12 @@ GRID_ROWS = ("random N(0, I)", "hub prior, N_5 >= 50", "truncated, psi = 1.5")
 
 
 def part_sampling(quick: bool, out_dir: Path) -> dict:
-    from kexue.diffusion import load_pretrained, sample
-    from kexue.diffusion.evaluate import DigitEvaluator
-    from kexue.diffusion.images import image_grid
-    from kexue.diffusion.pretrained import pretrained_path
-    from kexue.tour.sections.hubness import LatentPrior, compare_latent_priors
+    from kexue.diffusion import DigitEvaluator, UNet, image_grid, sample
+    from kexue.experiments.hub_prior import LatentPrior, compare_latent_priors
 
     n, steps = (64, 4) if quick else (1000, 10)
-    model, schedule = load_pretrained("mnist5k")
-    info = json.loads((pretrained_path("mnist5k") / "config.json").read_text())
+    model = UNet.from_pretrained("mnist5k")
+    schedule, info = model.schedule, model.info
     evaluator = DigitEvaluator()
 
     def generate(z: torch.Tensor) -> torch.Tensor:
@@ -575,16 +571,12 @@ def part_sampling(quick: bool, out_dir: Path) -> dict:
         "model_step": info.get("step"),
         "model_command": info.get("command"),
         "rows": rows,
-        "command": _command(),
+        "command": command_line(),
     }
 
 
 # ---------------------------------------------------------------------------------------------
 # the document
-
-
-def _command() -> str:
-    return "python benchmarks/hubness.py " + " ".join(sys.argv[1:])
 
 
 def _load(r: dict) -> str:
@@ -647,15 +639,32 @@ def knn_section(r: dict) -> list[str]:
         "it is computed in 2048 x 2048 blocks, each once (half the Gram matrix's products): a "
         "block's rows and its columns both get their candidates from it. The score is the "
         "squared distance straight out of the product (`[x, |x|^2, 1] . [-2y, 1, |y|^2]`), and "
-        f"the top-k of a row or column is found through minima of groups of {_GROUP} entries "
-        "(one vectorised pass) instead of a selection over every entry; winners merge into "
-        "running lists. The selection alone, on the N x N Gram block: "
+        "the top-k of a row or column is found through minima of groups of "
+        f"{SELECTION_GROUP} entries (one vectorised pass) instead of a selection over every "
+        "entry; candidates merge into running lists. The selection alone, on the N x N Gram "
+        "block: "
         f"`torch.topk` {s['select_topk']:.3f} s ({s['select_topk'] / floor:.2f}x the floor), "
         f"group minima {s['select_groups']:.3f} s ({s['select_groups'] / floor:.2f}x). "
         "Measured against half the floor (the products it needs), kexue takes "
         f"{s['kexue'] / (floor / 2):.2f}x.",
         "",
+        _tie_rule_note(r),
+        "",
     ]
+
+
+def _tie_rule_note(r: dict) -> str:
+    if r.get("tie_rule"):
+        return (
+            "Each query keeps 4 candidates beyond k; where two of its first k + 1 rounded "
+            "scores lie within their rounding bound, the candidates are re-ranked by float64 "
+            "distances, exact ties going to the smaller index (the timings include this)."
+        )
+    return (
+        "These timings were measured before kexue settled near-ties in float64 (4 extra "
+        "candidates per query, re-ranked where two rounded scores lie within their rounding "
+        "bound, exact ties to the smaller index); `--plan knn` times the current code."
+    )
 
 
 def large_section(r: dict) -> list[str]:
@@ -776,7 +785,7 @@ def large_section(r: dict) -> list[str]:
 
 
 def sampling_section(r: dict) -> tuple[list[str], plt.Figure]:
-    from kexue.tour.sections.hubness import (
+    from kexue.experiments.hub_prior import (
         SAMPLING_HEADERS,
         quality_diversity_figure,
         sampling_table_rows,
@@ -950,88 +959,88 @@ def gpu_section(r: dict) -> list[str]:
     ]
 
 
-def write_doc(out_dir: Path, results: dict) -> Path:
-    machine = results.get("machine") or machine_info()
+def render(results: dict, out: Path) -> str:
+    """The page from ``results`` (every stored part) alone; the quality-diversity figure is
+    redrawn from the numbers, the sample grids were drawn when the part was measured."""
+    machine = results["machine"] if "machine" in results else machine_info()
     lines = [
         "# Benchmark: hubness measures and hub-prior sampling (kexue.hubness)",
         "",
-        f"Machine: {machine['summary']}; {machine['os']}. Every part ran under the shared "
-        "CPU lock (`flock /tmp/kexue-heavy.lock ...`); the lock does not stop processes that "
-        "ignore it, so the 1-minute load average at the start and end of each part is given "
-        "with it (2.0 = both cores busy). Numbers: `hubness.json` next to this file.",
+        f"{machine_line(machine)} Every part ran under the shared CPU lock "
+        "(`benchmarks/_common.heavy_lock`); the lock does not stop processes that ignore it, so "
+        "the 1-minute load average at the start and end of each part is given with it (2.0 = "
+        "both cores busy). Numbers: `hubness.json` next to this file; each part's command "
+        "below reproduces it (`GPU_OUT` is the folder the `gpu` part wrote its exact 1M "
+        "neighbour lists to, 20 MB, not committed).",
         "",
     ]
     if "knn" in results:
         lines += knn_section(results["knn"])
     if "large" in results:
         lines += large_section(results["large"])
-    if "gpu" in results:
-        gpu_lines = gpu_section(results["gpu"])
-    else:
-        gpu_lines = []
     if "sampling" in results:
         more, fig = sampling_section(results["sampling"])
-        fig.savefig(out_dir / "hubness-quality-diversity.png", dpi=120, bbox_inches="tight")
+        fig.savefig(out / "hubness-quality-diversity.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         lines += more
-    lines += gpu_lines
-    path = out_dir / "hubness.md"
-    path.write_text("\n".join(lines))
-    return path
+    if "gpu" in results:
+        lines += gpu_section(results["gpu"])
+    return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    parser.add_argument(
-        "--part",
-        choices=["knn", "large", "sampling", "gpu", "all", "doc"],
-        default="all",
-        help="what to run ('doc' only rewrites the Markdown)",
-    )
+def _measure_part(part: str, quick: bool, args: argparse.Namespace) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    if part == "knn":
+        result = part_knn(quick)
+    elif part == "large":
+        result = part_large(quick, quick or args.skip_1m, args.exact_1m)
+    elif part == "sampling":
+        result = part_sampling(quick, args.out)
+    else:
+        result = part_gpu(quick, args.out)
+    result["wall_seconds"] = time.perf_counter() - t0
+    result["load_average"] = [load_before, os.getloadavg()[0]]
+    result["machine"] = machine_info()
+    return result
+
+
+def measure(plan: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the plan's parts and return them merged into the parts already stored beside the
+    page (a part measured elsewhere, e.g. ``gpu``, comes in with ``--import-json``)."""
+    store = args.out / "hubness.json"
+    results = json.loads(store.read_text()) if store.exists() and plan != "smoke" else {}
+    results = {key: results[key] for key in PARTS if key in results}
+    if args.import_json is not None:
+        imported = json.loads(args.import_json.read_text())
+        results.update({key: imported[key] for key in PARTS if key in imported})
+    quick = plan == "smoke"
+    parts = ["knn", "large", "sampling"] if plan in ("smoke", "default") else [plan]
+    for part in parts:
+        results[part] = _measure_part(part, quick, args)
+        print(f"[{part}] done in {results[part]['wall_seconds']:.0f} s", flush=True)
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-1m", action="store_true", help="large part: stop at 100k")
-    parser.add_argument("--out", type=Path, default=None, help="output folder")
     parser.add_argument(
         "--exact-1m",
         type=Path,
         default=None,
-        help="large part: folder with the GPU part's exact lists of the 1M set",
+        help="large part: folder with the gpu part's exact lists of the 1M set",
     )
     parser.add_argument(
         "--import-json", type=Path, default=None, help="merge parts from another hubness.json"
     )
-    args = parser.parse_args()
-    out_dir = args.out or (Path("/tmp/kexue-hubness-quick") if args.quick else DOCS)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = out_dir / "hubness.json"
-    results = json.loads(store.read_text()) if store.exists() else {}
-    if args.import_json is not None:
-        imported = json.loads(args.import_json.read_text())
-        results.update({key: imported[key] for key in PARTS if key in imported})
-        store.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    parts = ["knn", "large", "sampling"] if args.part == "all" else [args.part]
-    for part in parts:
-        t0 = time.perf_counter()
-        load_before = os.getloadavg()[0]
-        if part == "knn":
-            results["knn"] = part_knn(args.quick)
-        elif part == "large":
-            results["large"] = part_large(args.quick, args.skip_1m, args.exact_1m)
-        elif part == "sampling":
-            results["sampling"] = part_sampling(args.quick, out_dir)
-        elif part == "gpu":
-            results["gpu"] = part_gpu(args.quick, out_dir)
-        else:
-            continue
-        results[part]["wall_seconds"] = time.perf_counter() - t0
-        results[part]["load_average"] = [load_before, os.getloadavg()[0]]
-        results[part]["machine"] = machine_info()
-        if part != "gpu":
-            results["machine"] = results[part]["machine"]
-        store.write_text(json.dumps(results, indent=2, default=float) + "\n")
-        print(f"[{part}] done in {results[part]['wall_seconds']:.0f} s", flush=True)
-    print(write_doc(out_dir, results).read_text())
 
 
 if __name__ == "__main__":
-    main()
+    main(
+        "hubness",
+        measure,
+        render,
+        plans=PLANS,
+        description=__doc__.split("\n")[0],
+        add_arguments=add_arguments,
+    )

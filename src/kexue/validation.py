@@ -28,6 +28,7 @@ __all__ = [
     "check_callable",
     "check_choice",
     "check_class_labels",
+    "check_count",
     "check_dim",
     "check_dtype",
     "check_finite",
@@ -36,6 +37,7 @@ __all__ = [
     "check_int",
     "check_mask",
     "check_model_output",
+    "check_points",
     "check_real",
     "check_same_device",
     "check_sample_shape",
@@ -345,3 +347,49 @@ def renamed_arguments(**renames: str) -> Callable[[Callable[P, R]], Callable[P, 
         return wrapper
 
     return decorate
+
+
+def check_count(value: object, name: str) -> int:
+    """``value`` as a positive ``int`` (a count or size): ``TypeError`` unless an integer (not a
+    bool), ``ValueError`` below 1; both say "``name`` must be a positive int"."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {describe(value)}")
+    value = operator.index(value)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def check_points(X: object, name: str = "X") -> Tensor:
+    """``X`` as a 2-D floating tensor of ``N >= 1`` points with ``d >= 1`` finite features.
+
+    Accepts a tensor or a NumPy array; integer input becomes float32, float16/bfloat16 are
+    kept. ``TypeError`` for other objects, bool or complex values; ``ValueError`` for another
+    number of dimensions (with a hint for 1-D input), an empty side, or NaN/infinite values
+    (naming how many rows and the first).
+    """
+    if isinstance(X, np.ndarray):
+        X = check_tensor(X, name, allow_numpy=True)
+    if not isinstance(X, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(X).__name__}")
+    if X.ndim != 2:
+        hint = f" (use {name}[:, None] for N points of one feature)" if X.ndim == 1 else ""
+        raise ValueError(
+            f"{name} must be 2-D (N points, d features), got shape {tuple(X.shape)}{hint}"
+        )
+    if X.dtype == torch.bool or X.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
+    if not X.is_floating_point():
+        X = X.float()
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one row and one column, got {tuple(X.shape)}")
+    if bool(torch.isfinite(X.sum(dim=1)).all()):  # one cheap pass; NaN/inf rows sum to NaN/inf
+        return X
+    bad = ~torch.isfinite(X).all(dim=1)  # exact check (a finite row can overflow its sum)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        raise ValueError(
+            f"{name} has NaN or infinite values in {len(rows)} row(s), the first at row "
+            f"{int(rows[0])}; drop or impute them before the neighbour search"
+        )
+    return X

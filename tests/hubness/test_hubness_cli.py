@@ -10,6 +10,7 @@ import torch
 
 from kexue.cli import main
 from kexue.hubness import Hubness
+from kexue.testing.hubness import brute_force_k_occurrence, textbook_measures, tied_points
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -61,3 +62,21 @@ def test_bad_input_exits_2_with_one_line(tmp_path, argv, fragment, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kexue: error:")
     assert fragment in lines[0]
+
+
+def test_score_is_the_same_with_any_thread_count(tmp_path, capsys, one_thread):
+    # the reported k-skewness once moved between runs on the same file (6.217 vs 6.223):
+    # points with exact ties, scored with 1 and 2 threads, give identical JSON
+    np.save(tmp_path / "x.npy", tied_points(4500, 10, seed=3))
+    argv = ["hubness", "score", str(tmp_path / "x.npy"), "--k", "5,10", "--json"]
+    outputs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        code, out, _ = run_cli(argv, capsys)
+        assert code == 0
+        outputs.append(json.loads(out))
+    assert outputs[0] == outputs[1]
+    counts = brute_force_k_occurrence(tied_points(4500, 10, seed=3)[:1500], 5)
+    assert Hubness(k=5).fit(tied_points(4500, 10, seed=3)[:1500]).scores_[5].k_skewness == (
+        pytest.approx(textbook_measures(counts, 5)["k_skewness"], rel=1e-12)
+    )

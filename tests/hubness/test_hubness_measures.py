@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from hubness_reference import brute_force_k_occurrence
 from scipy import stats
 
 from kexue.hubness import (
@@ -23,16 +22,13 @@ from kexue.hubness import (
     occurrence_counts,
     robin_hood_index,
 )
-
-
-def _gaussian(n: int, d: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+from kexue.testing.hubness import brute_force_k_occurrence, textbook_measures
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize(("n", "d", "k"), [(40, 3, 1), (300, 20, 5), (500, 100, 10)])
-def test_k_occurrence_equals_brute_force(metric, n, d, k):
-    X = _gaussian(n, d, seed=d)
+def test_k_occurrence_equals_brute_force(metric, n, d, k, points):
+    X = points(n, d, seed=d)
     ref = brute_force_k_occurrence(X.numpy(), k, metric=metric)
     ours = k_occurrence(X, k, metric=metric)
     assert ours.dtype == torch.int64 and ours.shape == (n,)
@@ -40,16 +36,16 @@ def test_k_occurrence_equals_brute_force(metric, n, d, k):
     assert int(ours.sum()) == n * k
 
 
-def test_self_including_convention_counts_each_point_once_more():
-    X = _gaussian(200, 30, seed=1)
+def test_self_including_convention_counts_each_point_once_more(points):
+    X = points(200, 30, seed=1)
     with_self = k_occurrence(X, 6, exclude_self=False)
     without = k_occurrence(X, 5)
     assert torch.equal(with_self, without + 1)
     assert int(with_self.sum()) == 200 * 6
 
 
-def test_k_occurrence_over_separate_queries():
-    X, Y = _gaussian(100, 8, seed=2), _gaussian(37, 8, seed=3)
+def test_k_occurrence_over_separate_queries(points):
+    X, Y = points(100, 8, seed=2), points(37, 8, seed=3)
     counts = k_occurrence(X, 4, Y=Y)
     ref = np.zeros(100, dtype=np.int64)
     d = ((Y.numpy()[:, None] - X.numpy()[None]) ** 2).sum(-1)
@@ -139,25 +135,25 @@ def test_atkinson_and_hub_arguments_are_checked():
         hub_occurrence([1, 2], 0)
 
 
-def test_skewness_grows_with_dimension_for_gaussian_points():
-    skew = {d: k_skewness(k_occurrence(_gaussian(2000, d, seed=d), 5)) for d in (2, 10, 100)}
+def test_skewness_grows_with_dimension_for_gaussianpoints(points):
+    skew = {d: k_skewness(k_occurrence(points(2000, d, seed=d), 5)) for d in (2, 10, 100)}
     # measured with these seeds: about 0.05, 0.76 and 5.0
     assert skew[2] < 0.3 < skew[10] < skew[100]
     assert skew[100] > 3.0
 
 
-def test_hubs_are_close_to_the_centre():
-    X = _gaussian(2000, 100, seed=4)
+def test_hubs_are_close_to_the_centre(points):
+    X = points(2000, 100, seed=4)
     n_k = k_occurrence(X, 5).double()
     rho = stats.spearmanr(n_k.numpy(), X.norm(dim=1).numpy()).statistic
     assert rho < -0.5
-    low_d = _gaussian(2000, 2, seed=4)
+    low_d = points(2000, 2, seed=4)
     rho_2 = stats.spearmanr(k_occurrence(low_d, 5).numpy(), low_d.norm(dim=1).numpy()).statistic
     assert abs(rho_2) < abs(rho)
 
 
-def test_estimator_fits_several_k_from_one_search():
-    X = _gaussian(600, 50, seed=5)
+def test_estimator_fits_several_k_from_one_search(points):
+    X = points(600, 50, seed=5)
     hub = Hubness(k=(10, 3, 5, 5))
     assert hub.fit(X) is hub
     assert hub.k_values_ == (3, 5, 10)
@@ -179,8 +175,8 @@ def test_estimator_fits_several_k_from_one_search():
     assert torch.equal(hub.antihubs(5), (counts == 0).nonzero().flatten())
 
 
-def test_estimator_validates_at_fit_and_names_the_argument():
-    X = _gaussian(20, 3, seed=6)
+def test_estimator_validates_at_fit_and_names_the_argument(points):
+    X = points(20, 3, seed=6)
     with pytest.raises(NotFittedError, match="call fit"):
         Hubness().score()
     for params, match in [
@@ -199,3 +195,17 @@ def test_estimator_validates_at_fit_and_names_the_argument():
         fitted.score("entropy")
     with pytest.raises(ValueError, match="k=4 was not fitted"):
         fitted.score(k=4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_measures_equal_their_definitions_on_random_counts(seed):
+    rng = np.random.default_rng(seed)
+    counts = rng.geometric(0.2, size=60) - 1  # skewed, with zeros (anti-hubs)
+    k = 3
+    ref = textbook_measures(counts, k)
+    scores = hubness_scores(counts, k, n_queries=int(counts.sum()) // k)
+    assert scores.k_skewness == pytest.approx(ref["k_skewness"], rel=1e-12)
+    assert scores.robin_hood == pytest.approx(ref["robin_hood"], rel=1e-12)
+    assert scores.gini == pytest.approx(ref["gini"], rel=1e-12)
+    assert scores.antihub_occurrence == pytest.approx(ref["antihub_occurrence"], rel=1e-12)
+    assert hub_occurrence(counts, k) == pytest.approx(ref["hub_occurrence"], rel=1e-12)

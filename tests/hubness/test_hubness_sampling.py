@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from hubness_reference import brute_force_k_occurrence
 from scipy import stats
 
 from kexue.hubness import HubPriorSampler, truncated_normal_latents
+from kexue.testing.hubness import brute_force_k_occurrence, hub_prior_by_hand
 
 
 def test_sampler_keeps_exactly_the_candidates_that_reach_the_threshold():
@@ -21,21 +20,19 @@ def test_sampler_keeps_exactly_the_candidates_that_reach_the_threshold():
     )  # fmt: skip
     z = sampler.sample(n)
     # the same rounds by hand: same generator stream, float64 brute-force N_k
-    gen = torch.Generator().manual_seed(0)
-    expected, values = [], []
-    while sum(len(e) for e in expected) < n:
-        candidates = torch.randn(pool, d, generator=gen, dtype=torch.float64)
-        counts = brute_force_k_occurrence(candidates.numpy(), k)
-        keep = np.flatnonzero(counts >= t)
-        expected.append(candidates[keep])
-        values.append(counts[keep])
-    expected_z = torch.cat(expected)[:n]
+    expected_z, values, rounds = hub_prior_by_hand(0, n, d, k=k, threshold=t, pool_size=pool)
     assert torch.equal(z, expected_z)
-    assert sampler.hub_values_.tolist() == np.concatenate(values)[:n].tolist()
-    assert sampler.rounds_ == len(expected)
+    assert sampler.hub_values_.tolist() == values.tolist()
+    assert (values == t).any()  # the boundary is exercised: N_k = threshold is kept
+    assert sampler.rounds_ == rounds
     assert sampler.candidates_seen_ == sampler.rounds_ * pool
-    passed = sum(len(v) for v in values)  # the last round may pass more than needed
-    assert sampler.acceptance_rate_ == pytest.approx(passed / (sampler.rounds_ * pool))
+    gen = torch.Generator().manual_seed(0)
+    passed = sum(
+        int((brute_force_k_occurrence(torch.randn(pool, d, generator=gen, dtype=torch.float64)
+                                      .numpy(), k) >= t).sum())
+        for _ in range(rounds)
+    )  # fmt: skip
+    assert sampler.acceptance_rate_ == pytest.approx(passed / (rounds * pool))
     assert (sampler.hub_values_ >= t).all()
 
 
@@ -133,3 +130,26 @@ def test_truncation_variants():
         truncated_normal_latents(4, 1.0, latent_dim=2, method="clip")
     with pytest.raises(ValueError, match="latent_dim"):
         truncated_normal_latents(4, 1.0, latent_dim=-2)
+
+
+def test_sampler_rejects_a_latent_dtype_it_cannot_draw():
+    # torch.randn(dtype=torch.int64) fails deep inside with NotImplementedError
+    with pytest.raises(TypeError, match=r"dtype must be a floating torch\.dtype"):
+        HubPriorSampler(8, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"dtype must be a torch\.dtype"):
+        HubPriorSampler(8, dtype="float32")
+    with pytest.raises(TypeError, match="dtype must be a floating"):
+        truncated_normal_latents(4, 1.0, latent_dim=2, dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
+        HubPriorSampler(8, generator=0)
+    with pytest.raises(TypeError, match="k must be a positive int"):
+        HubPriorSampler(8, k=2.0)
+    with pytest.raises(TypeError, match="exclude_self must be a bool"):
+        HubPriorSampler(8, exclude_self=1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        HubPriorSampler(8, backend="annoy")
+    z = HubPriorSampler(
+        8, threshold=5, pool_size=200, progress=False, dtype=torch.float64,
+        generator=torch.Generator().manual_seed(7),
+    ).sample(3)  # fmt: skip
+    assert z.dtype == torch.float64

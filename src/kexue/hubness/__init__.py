@@ -1,7 +1,7 @@
-"""Hubness measures and hub-prior latent sampling (reference: hubness.md).
+"""Hubness measures and hub-prior latent sampling (guide: ``docs/guides/hubness.md``).
 
 ``knn`` (exact torch, faiss exact/approximate) -> ``k_occurrence`` -> the measures of its
-distribution (``Hubness`` estimator), and ``HubPriorSampler`` for latent generators.
+distribution (``Hubness`` estimator)) and ``HubPriorSampler`` for latent generators.
 """
 
 from kexue.hubness.knn import Neighbors, knn, neighbor_recall
@@ -9,7 +9,6 @@ from kexue.hubness.measures import (
     MEASURES,
     Hubness,
     HubnessScores,
-    NotFittedError,
     antihub_occurrence,
     atkinson_index,
     gini_index,
@@ -44,3 +43,12 @@ __all__ = [
     "robin_hood_index",
     "truncated_normal_latents",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # scikit-learn's NotFittedError, resolved on first use: importing scikit-learn takes seconds
+    if name == "NotFittedError":
+        from kexue.exceptions import NotFittedError
+
+        return NotFittedError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

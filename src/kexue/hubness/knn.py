@@ -1,20 +1,31 @@
 """Exact and approximate k-nearest-neighbour search, the first step of every hubness measure.
 
-Notation of ``../shared/reference/hubness.md``: ``X`` holds ``N`` points of ``R^d`` (rows), the
-queries are ``Y`` (``M`` rows, default ``X`` itself with each point dropped from its own list).
-The exact torch backend ranks every point ``x`` for a query ``y`` by the squared distance
+Notation of ``docs/guides/hubness.md`` ("Neighbour search"): ``X`` holds ``N`` points of
+``R^d`` (rows), the queries are ``Y`` (``M`` rows, default ``X`` itself with each point dropped
+from its own list). The exact torch backend ranks every point ``x`` for a query ``y`` by the
+squared distance
 
     |y - x|^2 = |y|^2 + |x|^2 - 2 y.x,
 
 computed one block of queries at a time as a single matrix product (``|y|^2`` does not change
-the ranking of a row, so it is left out), then an exact top-k through group minima (one
-vectorised pass instead of a per-row selection over ``N`` values). When the queries are the
-points themselves the distance matrix is symmetric and each block is computed once, serving
-its rows and its columns. Points are centred first (distances do not change, the
-cancellation in the expansion shrinks), and winners at a distance that is small against
-their norms get it recomputed from the vectors. The faiss backend offers the same exact
-search (``index="flat"``) and approximate indexes (``"ivf"``, ``"hnsw"``) whose recall is
-measured with :func:`neighbor_recall`, not assumed.
+the ranking of a row, so it is left out), then a top-k through group minima (one vectorised
+pass instead of a per-row selection over ``N`` values). When the queries are the points
+themselves the distance matrix is symmetric and each block is computed once, serving its rows
+and its columns. Points are centred first (distances do not change, the cancellation in the
+expansion shrinks), and scaled by a power of two when their magnitude would overflow or
+underflow the squares (exact, so the ranking does not change).
+
+**One answer, whatever the threads, blocks or backend.** The matrix product rounds, and how
+it rounds depends on the block layout and on the BLAS library's threading; two points at
+(nearly) the same distance could then swap places from one run to the next. So the search
+keeps a few candidates beyond ``k`` per query, and wherever two of the first ``k + 1``
+rounded scores lie within the proven rounding bound of each other, the candidates' distances
+are recomputed in float64 from the vectors and ranked by ``(distance, index)``: exact ties go
+to the smaller index. When even the extra candidates all lie within the bound, that query is
+searched again in float64 against every point. The result is the float64 brute-force answer
+with ties broken by index, a function of the data alone. The faiss backend offers the same
+exact search (``index="flat"``, with the same tie rule) and approximate indexes (``"ivf"``,
+``"hnsw"``) whose recall is measured with :func:`neighbor_recall`, not assumed.
 """
 
 from __future__ import annotations
@@ -27,7 +38,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kexue.extras import require
 from kexue.ops.logsumexp import compute_dtype
+from kexue.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_points,
+    check_tensor,
+    describe,
+)
+
+__all__ = [
+    "BACKENDS",
+    "INDEXES",
+    "METRICS",
+    "Neighbors",
+    "knn",
+    "neighbor_recall",
+    "smallest_k_grouped",
+]
 
 METRICS = ("euclidean", "cosine")
 BACKENDS = ("auto", "torch", "faiss")
@@ -35,15 +65,22 @@ INDEXES = ("flat", "ivf", "hnsw")
 
 # Rows of the distance block per chunk: about this many floats (64 MB in float32).
 _BLOCK_FLOATS = 1 << 24
-# Columns per block for large N (a multiple of 16 * _GROUP, see _torch_search).
-_TILE = 16384
-# Block side of the all-pairs search (a multiple of 16 * _GROUP); used from 2 blocks on.
-_SYM_BLOCK = 2048
-# Values per group of the selection (see _smallest_k): fewer means fewer scattered reads
-# of candidates, more means fewer group minima to rank.
-_GROUP = 16
+# Columns per block for large N (a multiple of 16 * SELECTION_GROUP, see _torch_search).
+COLUMN_TILE = 16384
+# Block side of the all-pairs search (a multiple of 16 * SELECTION_GROUP); used from 2 blocks on.
+SYMMETRIC_BLOCK = 2048
+# Values per group of the selection (see smallest_k_grouped): fewer means fewer scattered
+# reads of candidates, more means fewer group minima to rank.
+SELECTION_GROUP = 16
+# Candidates kept beyond k per query, so that near-ties at the k-th place are resolved exactly
+# without a second search (a second search is needed only when all of them are near-tied).
+_EXTRA = 4
 # Winners closer than this share of their squared norms get their distance recomputed.
 _RECOMPUTE = 1e-3
+# Magnitudes whose squares stay far from float32 overflow and underflow (see _power_of_two).
+_SAFE = (2.0**-32, 2.0**32)
+# Float64 values per chunk of the exact recomputation (32 MB).
+_EXACT_FLOATS = 1 << 22
 
 
 class Neighbors(NamedTuple):
@@ -58,50 +95,6 @@ class Neighbors(NamedTuple):
     indices: Tensor
 
 
-def check_points(X: object, name: str = "X") -> Tensor:
-    """``X`` as a 2-D floating tensor of finite values; errors name ``name``.
-
-    Accepts a tensor or a NumPy array; integer input becomes float32, float16/bfloat16 are
-    kept (they are searched in float32).
-    """
-    if isinstance(X, np.ndarray):
-        X = torch.from_numpy(X)
-    if not isinstance(X, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(X).__name__}")
-    if X.ndim != 2:
-        hint = f" (use {name}[:, None] for N points of one feature)" if X.ndim == 1 else ""
-        raise ValueError(
-            f"{name} must be 2-D (N points, d features), got shape {tuple(X.shape)}{hint}"
-        )
-    if X.dtype == torch.bool or X.is_complex():
-        raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
-    if not X.is_floating_point():
-        X = X.float()
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        raise ValueError(f"{name} must have at least one row and one column, got {tuple(X.shape)}")
-    if torch.isfinite(X.sum(dim=1)).all():  # one cheap pass; NaN/inf rows sum to NaN/inf
-        return X
-    bad = ~torch.isfinite(X).all(dim=1)  # exact check (a finite row can overflow its sum)
-    if bad.any():
-        rows = bad.nonzero().flatten()
-        raise ValueError(
-            f"{name} has NaN or infinite values in {len(rows)} row(s), the first at row "
-            f"{int(rows[0])}; drop or impute them before the neighbour search"
-        )
-    return X
-
-
-def _check_k(k: object, limit: int, why: str) -> int:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    k = int(k)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if k > limit:
-        raise ValueError(f"k={k} is too large: {why}")
-    return k
-
-
 def _normalised(X: Tensor, name: str) -> Tensor:
     norms = X.norm(dim=1, keepdim=True)
     zero = (norms == 0).flatten()
@@ -113,7 +106,7 @@ def _normalised(X: Tensor, name: str) -> Tensor:
     return X / norms
 
 
-def _chunk_rows(chunk_size: int | None) -> int | None:
+def _chunk_rows(chunk_size: object) -> int | None:
     if chunk_size is None:
         return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -122,20 +115,30 @@ def _chunk_rows(chunk_size: int | None) -> int | None:
 
 
 def _group_size(n_points: int, k: int) -> int:
-    return max(1, min(_GROUP, n_points // k))
+    return max(1, min(SELECTION_GROUP, n_points // k))
 
 
-def _smallest_k(block: Tensor, k: int, group: int, dim: int = 1) -> tuple[Tensor, Tensor]:
-    """Exact ``block.topk(k, dim, largest=False)`` through group minima, returned with the
-    other dimension first: values and indices of shape ``(other, k)``.
+def _power_of_two(*tensors: Tensor) -> float:
+    """A power of two that brings the largest magnitude of ``tensors`` near 1 when it lies
+    outside ``_SAFE`` (else 1): squares of 1e19 overflow float32, squares of 1e-30 vanish.
+    Multiplying by a power of two is exact, so distances scale and rankings do not change."""
+    top = max(float(t.abs().max()) for t in tensors)
+    if top == 0 or _SAFE[0] <= top <= _SAFE[1]:
+        return 1.0
+    return 2.0 ** -math.frexp(top)[1]
 
-    The entries of a row (``dim=1``) or column (``dim=0``) fall into ``G = size / group``
-    groups (group ``g`` holds positions ``g, g + G, g + 2G, ...``; ``size`` must be a multiple
-    of ``group``). The ``k`` groups with the smallest minima hold ``k`` values no larger than
-    the largest of those minima ``m``, and every value of another group is at least its own
-    minimum ``>= m``; so the ``k`` smallest values lie in those ``k`` groups (ties broken
-    arbitrarily). The minima are one vectorised pass over the block, several times cheaper
-    on a CPU than ``topk`` over every entry.
+
+def smallest_k_grouped(block: Tensor, k: int, group: int, dim: int = 1) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest values of each row (``dim=1``) or column (``dim=0``) of ``block``,
+    through group minima; values and indices of shape ``(other, k)``, values increasing.
+
+    The entries of a row fall into ``G = size / group`` groups (group ``g`` holds positions
+    ``g, g + G, g + 2G, ...``; ``size`` must be a multiple of ``group``). The ``k`` groups with
+    the smallest minima hold ``k`` values no larger than the largest of those minima ``m``,
+    and every value of another group is at least its own minimum ``>= m``; so the ``k``
+    smallest values lie in those ``k`` groups. The minima are one vectorised pass over the
+    block, several times cheaper on a CPU than ``topk`` over every entry. Which of several
+    equal values is returned is not specified (:func:`knn` resolves ties itself).
     """
     size = block.shape[dim]
     per = size // group
@@ -177,7 +180,7 @@ def _winner_distances(
         dist = score + 1.0
         close = dist < _RECOMPUTE
     else:
-        dist = score if y_sq is None else score + y_sq[:, None]
+        dist = score.clone() if y_sq is None else score + y_sq[:, None]
         norms = (y_sq if y_sq is not None else x_sq[: len(score)])[:, None] + x_sq[top]
         close = dist < _RECOMPUTE * norms
     if close.any():
@@ -192,6 +195,123 @@ def _winner_distances(
     return dist.clamp_min_(0.0).sqrt_()
 
 
+class _Exact:
+    """The float64 reference that decides near-ties: distances recomputed from the vectors,
+    ranked by ``(distance, index)``.
+
+    ``points`` / ``queries`` are the (scaled, uncentred) inputs and ``own[i]`` the point query
+    ``i`` must not return. The searches report the norms of the vectors their scores were
+    computed from (:meth:`set_norms`: centred rows, unit rows for cosine) for the rounding
+    bound of :meth:`bound`.
+    """
+
+    # A dot product of n terms summed in any order has error at most lambda sqrt(n) u
+    # sum |a_i b_i| with probability at least 1 - 2 exp(-lambda^2 / 2) (Higham & Mary, 2019);
+    # lambda = 8 puts that at 3e-14 per score. Twice that covers the squared norms in the
+    # score, 4 u the centring.
+    LAMBDA = 8.0
+
+    def __init__(
+        self,
+        points: Tensor,
+        queries: Tensor,
+        metric: str,
+        own: Tensor | None,
+        score_dtype: torch.dtype,
+    ) -> None:
+        self.points, self.queries, self.metric, self.own = points, queries, metric, own
+        n_terms = points.shape[1] + 2
+        self.factor = (2 * self.LAMBDA * math.sqrt(n_terms) + 4) * torch.finfo(score_dtype).eps / 2
+        self.available = len(points) - (0 if own is None else 1)
+        self.set_norms(points.new_ones(len(points)), queries.new_ones(len(queries)))  # unit rows
+
+    def set_norms(self, point_norms: Tensor, query_norms: Tensor) -> None:
+        self.point_norms = point_norms.double()
+        self.query_norms = query_norms.double()
+        self.radius = float(self.point_norms.max())
+
+    def bound(self, rows: Tensor, idx: Tensor | None = None) -> Tensor:
+        """Rounding bound of the scores of queries ``rows`` against the points ``idx``
+        ((m, w); default: any point), float64."""
+        y = self.query_norms.to(rows.device)[rows][:, None]
+        x = self.radius if idx is None else self.point_norms.to(idx.device)[idx]
+        return self.factor * (x + y) ** 2
+
+    def _vectors(self, x: Tensor) -> Tensor:
+        x = x.double()
+        return x / x.norm(dim=-1, keepdim=True) if self.metric == "cosine" else x
+
+    def _pairs(self, q: Tensor, x: Tensor) -> Tensor:
+        # one fixed reduction per pair, whatever the batch: the same value on every path
+        if self.metric == "cosine":
+            return 1.0 - (q * x).sum(dim=-1)
+        return (q - x).square().sum(dim=-1)
+
+    def distances(self, rows: Tensor, idx: Tensor) -> Tensor:
+        """Float64 squared euclidean (or cosine) distances of queries ``rows`` to ``idx``."""
+        out = torch.empty(idx.shape, dtype=torch.float64, device=idx.device)
+        per = max(1, _EXACT_FLOATS // max(1, idx.shape[1] * self.points.shape[1]))
+        for lo in range(0, len(rows), per):
+            q = self._vectors(self.queries[rows[lo : lo + per]])[:, None, :]
+            out[lo : lo + per] = self._pairs(q, self._vectors(self.points[idx[lo : lo + per]]))
+        return out
+
+    def search(self, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` nearest points of the queries ``rows`` by float64 brute force."""
+        n, d = self.points.shape
+        found_d, found_i = [], []
+        group = max(1, _EXACT_FLOATS // n)  # queries at a time: an (group, n) distance table
+        for start in range(0, len(rows), group):
+            part = rows[start : start + group]
+            q = self._vectors(self.queries[part])
+            dist = torch.empty(len(part), n, dtype=torch.float64, device=q.device)
+            per = max(1, _EXACT_FLOATS // (len(part) * d))
+            for lo in range(0, n, per):
+                x = self._vectors(self.points[lo : lo + per])
+                dist[:, lo : lo + per] = self._pairs(q[:, None, :], x[None])
+            if self.own is not None:
+                dist[torch.arange(len(part)), self.own[part]] = math.inf
+            order = dist.argsort(dim=1, stable=True)[:, :k]  # among ties, increasing index
+            found_d.append(dist.gather(1, order))
+            found_i.append(order)
+        return torch.cat(found_d), torch.cat(found_i)
+
+    def resolve(
+        self, score: Tensor, idx: Tensor, rows: Tensor, k: int
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Settle the queries ``rows`` whose candidate ``score`` list (increasing; ``idx``
+        the points) has near-ties among its first ``k + 1`` entries.
+
+        Returns ``(which, distances, indices)``: positions (into ``rows``) of the settled
+        queries with their float64 distances (squared for euclidean) and indices, or None when
+        every query's ranking is already beyond rounding doubt.
+        """
+        width = score.shape[1]
+        head = min(k + 1, width)
+        err = self.bound(rows, idx[:, :head])
+        gaps = score[:, :head].double().diff(dim=1)
+        doubt = (gaps <= err[:, 1:] + err[:, :-1]).any(dim=1)
+        if not bool(doubt.any()):
+            return None
+        which = doubt.nonzero().flatten()
+        if width >= self.available:  # every point is a candidate
+            enough = torch.ones(len(which), dtype=torch.bool, device=score.device)
+        else:  # a point beyond the list scores at least the last candidate's rounded score
+            last, kth = score[which, width - 1].double(), score[which, k - 1].double()
+            enough = last - kth > err[which, k - 1] + self.bound(rows[which])[:, 0]
+        dist = torch.empty(len(which), k, dtype=torch.float64, device=score.device)
+        best = torch.empty(len(which), k, dtype=torch.long, device=score.device)
+        if bool(enough.any()):
+            some = which[enough]
+            cand = idx[some].sort(dim=1).values  # by index first: ties keep the smaller one
+            d = self.distances(rows[some], cand)
+            order = d.argsort(dim=1, stable=True)[:, :k]
+            dist[enough], best[enough] = d.gather(1, order), cand.gather(1, order)
+        if not bool(enough.all()):
+            dist[~enough], best[~enough] = self.search(rows[which[~enough]], k)
+        return which, dist, best
+
+
 @torch.no_grad()
 def _torch_search(
     X: Tensor,
@@ -200,6 +320,7 @@ def _torch_search(
     metric: str,
     self_index: Tensor | None,
     rows_per_chunk: int | None,
+    exact: _Exact,
 ) -> Neighbors:
     """Exact search of the rows of ``Q`` among the rows of ``X`` (same dtype and device).
 
@@ -207,13 +328,13 @@ def _torch_search(
     One matrix product per chunk gives the ranking score of every pair: ``-y.x`` (cosine,
     unit rows) or ``|x|^2 - 2 y.x`` (euclidean, centred rows), the latter as
     ``[y, 1] . [-2 x, |x|^2]`` so no extra pass adds ``|x|^2``. Columns are padded with
-    ``+inf`` scores to a multiple of the selection's group size (:func:`_smallest_k`). For
-    large ``N`` the columns are taken ``_TILE`` at a time and the winners of the tiles merged,
-    so a block stays about 64 MB and the gemm keeps many rows. The reported distances of
-    the ``k`` winners are recomputed from the vectors.
+    ``+inf`` scores to a multiple of the selection's group size (:func:`smallest_k_grouped`).
+    For large ``N`` the columns are taken ``COLUMN_TILE`` at a time and the candidates of the
+    tiles merged, so a block stays about 64 MB and the gemm keeps many rows.
     """
     n, d = X.shape
-    group = _group_size(n, k)
+    wide = min(k + _EXTRA, exact.available)
+    group = _group_size(n, wide)
     # groups of a multiple of 16 columns keep the minima pass vectorised (about 1.7x faster)
     pad = -n % (group * 16) if n >= 8192 else -n % group
     if metric == "cosine":
@@ -229,8 +350,9 @@ def _torch_search(
         queries = Q.new_ones(Q.shape[0], d + 1)  # [y, 1]
         torch.sub(Q, centre, out=queries[:, :d])
         q_sq = torch.linalg.vector_norm(queries[:, :d], dim=1).square_()
+        exact.set_norms(base[:n, d].sqrt(), q_sq.sqrt())
     m, width = queries.shape[0], base.shape[0]
-    tile = min(width, max(1, _TILE // (16 * group)) * 16 * group)  # whole groups
+    tile = min(width, max(1, COLUMN_TILE // (16 * group)) * 16 * group)  # whole groups
     rows_per_chunk = rows_per_chunk or max(1, min(4096, _BLOCK_FLOATS // tile))
     dist = torch.empty(m, k, dtype=X.dtype, device=X.device)
     idx = torch.empty(m, k, dtype=torch.long, device=X.device)
@@ -250,19 +372,19 @@ def _torch_search(
             if own is not None:
                 inside = (own >= lo) & (own < hi)
                 block[rows[inside], own[inside] - lo] = math.inf
-            score, top = _smallest_k(block, min(k, hi - lo), group)
+            score, top = smallest_k_grouped(block, min(wide, hi - lo), group)
             top += lo
             if best_s is None:
                 best_s, best_i = score, top
             else:
-                best_s, pick = torch.cat([best_s, score], 1).topk(k, dim=1, largest=False)
+                best_s, pick = torch.cat([best_s, score], 1).topk(wide, dim=1, largest=False)
                 best_i = torch.cat([best_i, top], 1).gather(1, pick)
         if metric == "cosine":
-            vals = _winner_distances(best_s, best_i, q, base[:n], cosine=True)
+            vals = _winner_distances(best_s[:, :k], best_i[:, :k], q, base[:n], cosine=True)
         else:
             vals = _winner_distances(
-                best_s,
-                best_i,
+                best_s[:, :k],
+                best_i[:, :k],
                 q[:, :d],
                 base[:n, :d],
                 cosine=False,
@@ -270,26 +392,47 @@ def _torch_search(
                 y_sq=q_sq[start : start + len(q)],
                 x_sq=base[:n, d],
             )
-        vals, order = vals.sort(dim=1, stable=True)
+        vals, top = _settle(exact, best_s, best_i, rows + start, k, vals)
         dist[start : start + len(q)] = vals
-        idx[start : start + len(q)] = best_i.gather(1, order)
+        idx[start : start + len(q)] = top
     return Neighbors(dist, idx)
 
 
+def _settle(
+    exact: _Exact, score: Tensor, idx: Tensor, rows: Tensor, k: int, distances: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The first ``k`` candidates (``score`` increasing), with the queries whose ranking is
+    within rounding doubt settled by ``exact``; ``distances`` are those of the first ``k``."""
+    top = idx[:, :k].clone()
+    settled = exact.resolve(score, idx, rows, k)
+    if settled is not None:
+        which, dist, best = settled
+        if exact.metric == "euclidean":
+            dist = dist.sqrt()
+        distances[which] = dist.clamp_min(0.0).to(distances.dtype)
+        top[which] = best
+    # the score order is the distance order up to rounding: make it exact
+    distances, order = distances.sort(dim=1, stable=True)
+    return distances, top.gather(1, order)
+
+
 @torch.no_grad()
-def _symmetric_search(X: Tensor, k: int, metric: str, exclude_self: bool) -> Neighbors:
+def _symmetric_search(
+    X: Tensor, k: int, metric: str, exclude_self: bool, exact: _Exact
+) -> Neighbors:
     """All points against all points, each distance block computed once.
 
     The score ``s(x, y)`` is symmetric: ``-x.y`` (cosine, unit rows) or the squared distance
     ``|x|^2 + |y|^2 - 2 x.y = [x, |x|^2, 1] . [-2 y, 1, |y|^2]`` (centred rows). The points
-    are cut into blocks of ``_SYM_BLOCK``; only blocks ``(i, j)`` with ``j >= i`` are
+    are cut into blocks of ``SYMMETRIC_BLOCK``; only blocks ``(i, j)`` with ``j >= i`` are
     multiplied, and each off-diagonal block gives the rows of block ``i`` their candidates
-    (by rows) and the rows of block ``j`` theirs (by columns), merged into running top-k
+    (by rows) and the rows of block ``j`` theirs (by columns), merged into running candidate
     lists. Half the matrix products of :func:`_torch_search`, the same selection work.
     """
     n, d = X.shape
-    size = _SYM_BLOCK
+    size = SYMMETRIC_BLOCK
     n_pad = -(-n // size) * size
+    wide = min(k + _EXTRA, exact.available)
     if metric == "cosine":
         vectors = _normalised(X, "X")
         left = X.new_zeros(n_pad, d)
@@ -302,14 +445,15 @@ def _symmetric_search(X: Tensor, k: int, metric: str, exclude_self: bool) -> Nei
         left[:n, :d], left[:n, d], left[:n, d + 1] = vectors, sq, 1.0
         right = X.new_zeros(n_pad, d + 2)  # [-2 x, 1, |x|^2]
         right[:n, :d], right[:n, d], right[:n, d + 1] = -2.0 * vectors, 1.0, sq
-    group = _GROUP
-    best_s = torch.full((n_pad, k), math.inf, dtype=X.dtype, device=X.device)
-    best_i = torch.full((n_pad, k), -1, dtype=torch.long, device=X.device)
+        exact.set_norms(sq.sqrt(), sq.sqrt())
+    group = SELECTION_GROUP
+    best_s = torch.full((n_pad, wide), math.inf, dtype=X.dtype, device=X.device)
+    best_i = torch.full((n_pad, wide), -1, dtype=torch.long, device=X.device)
 
     def merge(lo: int, score: Tensor, index: Tensor) -> None:
         hi = lo + len(score)
         both = torch.cat([best_s[lo:hi], score], 1)
-        best_s[lo:hi], pick = both.topk(k, dim=1, largest=False, sorted=False)
+        best_s[lo:hi], pick = both.topk(wide, dim=1, largest=False, sorted=False)
         best_i[lo:hi] = torch.cat([best_i[lo:hi], index], 1).gather(1, pick)
 
     block = torch.empty(size, size, dtype=X.dtype, device=X.device)
@@ -323,30 +467,22 @@ def _symmetric_search(X: Tensor, k: int, metric: str, exclude_self: bool) -> Nei
             if lo_i == lo_j:
                 if exclude_self:
                     block.diagonal().fill_(math.inf)
-                score, top = _smallest_k(block, k, group, dim=1)
+                score, top = smallest_k_grouped(block, wide, group, dim=1)
                 merge(lo_i, score, top + lo_j)
             else:
-                score, top = _smallest_k(block, k, group, dim=1)
+                score, top = smallest_k_grouped(block, wide, group, dim=1)
                 merge(lo_i, score, top + lo_j)
-                score, top = _smallest_k(block, k, group, dim=0)
+                score, top = smallest_k_grouped(block, wide, group, dim=0)
                 merge(lo_j, score, top + lo_i)
-    best_s, best_i = best_s[:n], best_i[:n]
+    best_s, order = best_s[:n].sort(dim=1)
+    best_i = best_i[:n].gather(1, order)
+    top = best_i[:, :k]
     if metric == "cosine":
-        vals = _winner_distances(best_s, best_i, vectors, -vectors, cosine=True)
+        vals = _winner_distances(best_s[:, :k], top, vectors, -vectors, cosine=True)
     else:
-        vals = _winner_distances(best_s, best_i, vectors, vectors, cosine=False, x_sq=sq)
-    vals, order = vals.sort(dim=1, stable=True)
-    return Neighbors(vals, best_i.gather(1, order))
-
-
-def _import_faiss():
-    try:
-        import faiss
-    except ImportError as err:  # pragma: no cover - faiss ships with the hubness extra
-        raise ImportError(
-            "backend='faiss' needs faiss; install it with `pip install kexue[hubness]`"
-        ) from err
-    return faiss
+        vals = _winner_distances(best_s[:, :k], top, vectors, vectors, cosine=False, x_sq=sq)
+    vals, top = _settle(exact, best_s, best_i, torch.arange(n, device=X.device), k, vals)
+    return Neighbors(vals, top)
 
 
 def _faiss_index(faiss, base: np.ndarray, metric: str, index: str, params: Mapping[str, Any]):
@@ -387,36 +523,44 @@ def _faiss_search(
     self_index: Tensor | None,
     index: str,
     params: Mapping[str, Any],
+    exact: _Exact,
 ) -> Neighbors:
-    faiss = _import_faiss()
+    faiss = require("faiss", "hubness", "knn(backend='faiss')")
     X = X.detach().to("cpu", torch.float32)
     Q = X if Q is None else Q.detach().to("cpu", torch.float32)
     if metric == "cosine":  # the torch path's check: an all-zero row has no direction
         X = _normalised(X, "X")
         Q = X if Q is X else _normalised(Q, "Y")
-    base, queries = X.numpy(), Q.numpy()
-    base, queries = np.ascontiguousarray(base), np.ascontiguousarray(queries)
+    base, queries = np.ascontiguousarray(X.numpy()), np.ascontiguousarray(Q.numpy())
     built = _faiss_index(faiss, base, metric, index, params)
+    flat = index == "flat"
+    wide = min(k + _EXTRA, exact.available) if flat else k
     extra = 1 if self_index is not None else 0
-    dist, idx = built.search(queries, k + extra)
+    dist, idx = built.search(queries, wide + extra)
     if self_index is not None:
         own = self_index.cpu().numpy()[:, None]
         keep = idx != own
         no_self = keep.all(axis=1)
-        keep[no_self, -1] = False  # the point was not found: drop the (k+1)-th instead
-        dist = dist[keep].reshape(len(idx), k)
-        idx = idx[keep].reshape(len(idx), k)
-    missing = idx < 0
+        keep[no_self, -1] = False  # the point was not found: drop the last one instead
+        dist = dist[keep].reshape(len(idx), wide)
+        idx = idx[keep].reshape(len(idx), wide)
+    score = torch.from_numpy(-dist if metric == "cosine" else dist)  # increasing
+    found = torch.from_numpy(idx.astype(np.int64))
+    missing = found < 0
     if metric == "cosine":
-        dist = np.clip(1.0 - dist, 0.0, None)
+        out = (1.0 + score[:, :k]).clamp_min(0.0)
     else:
-        dist = np.sqrt(np.clip(dist, 0.0, None))
-    dist[missing] = np.inf
-    out_dtype = compute_dtype(X.dtype)
-    return Neighbors(
-        torch.from_numpy(dist).to(device=X.device, dtype=out_dtype),
-        torch.from_numpy(idx.astype(np.int64)).to(X.device),
-    )
+        out = score[:, :k].clamp_min(0.0).sqrt()
+    out[missing[:, :k]] = math.inf
+    out = out.to(compute_dtype(X.dtype))
+    if flat:  # exact index: the same tie rule and rounding guard as the torch backend
+        if metric == "euclidean":  # faiss ranks |x|^2 - 2 y.x of the raw (uncentred) rows
+            exact.set_norms(X.norm(dim=1), Q.norm(dim=1))
+        rows = torch.arange(len(found))
+        out, top = _settle(exact, score, found, rows, k, out)
+    else:
+        top = found[:, :k]
+    return Neighbors(out.to(X.device), top.to(X.device))
 
 
 def knn(
@@ -464,25 +608,25 @@ def knn(
     Returns:
         :class:`Neighbors` ``(distances, indices)`` of shape (M, k), closest first, on the
         device of ``X``; distances in ``X``'s dtype (float32 for float16 input; faiss
-        computes in float32 whatever the input). Exact ties are broken arbitrarily.
-        Approximate indexes may return fewer than ``k`` points (index ``-1``) and miss true
-        neighbours: measure their recall with :func:`neighbor_recall` against
-        ``knn(X, k, rows=sample)``.
+        computes in float32 whatever the input). The exact searches (torch, faiss
+        ``"flat"``) return the float64 brute-force neighbours with exact ties broken towards
+        the smaller index, whatever the thread count, ``chunk_size`` or backend
+        (``docs/guides/hubness.md``, "Neighbour search"); their distances agree to rounding.
+        Approximate indexes may return fewer than ``k`` points (index ``-1``), miss true
+        neighbours and order ties arbitrarily: measure their recall with
+        :func:`neighbor_recall` against ``knn(X, k, rows=sample)``.
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if index not in INDEXES:
-        raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
+    metric = check_choice(metric, "metric", METRICS)
+    backend = check_choice(backend, "backend", BACKENDS)
+    index = check_choice(index, "index", INDEXES)
     if backend == "auto":
         backend = "torch" if index == "flat" else "faiss"
     if backend == "torch" and index != "flat":
         raise ValueError(f"index={index!r} is approximate and needs backend='faiss'")
     if index_params is not None and not isinstance(index_params, Mapping):
         raise TypeError(f"index_params must be a mapping, got {type(index_params).__name__}")
-    if not isinstance(exclude_self, bool):
-        raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
+    exclude_self = check_bool(exclude_self, "exclude_self")
+    chunk_size = _chunk_rows(chunk_size)
     X = check_points(X, "X")
     n = X.shape[0]
     self_index = None
@@ -496,14 +640,19 @@ def knn(
             )
         k = _check_k(k, n, f"X has only N={n} points")
         Q = Q.to(device=X.device)
+        select = None
     else:
         k = _check_k(k, n - 1, f"k must be < N = {n}, the number of rows of X")
         if rows is None:
             select = torch.arange(n, device=X.device)
             Q = X
         else:
-            select = torch.as_tensor(rows, device=X.device)
-            if select.ndim != 1 or select.dtype in (torch.bool, torch.float32, torch.float64):
+            try:
+                select = torch.as_tensor(rows, device=X.device)
+            except (TypeError, ValueError, RuntimeError):
+                what = describe(rows)
+                raise TypeError(f"rows must be integer row indices of X, got {what}") from None
+            if select.ndim != 1 or select.dtype == torch.bool or not _integral(select):
                 raise ValueError("rows must be a 1-D sequence of integer row indices of X")
             select = select.long()
             if len(select) and (select.min() < 0 or select.max() >= n):
@@ -512,13 +661,34 @@ def knn(
         if exclude_self:
             self_index = select
     work = torch.promote_types(compute_dtype(X.dtype), compute_dtype(Q.dtype))
+    X, Q = X.to(work), Q.to(work)
+    scale = _power_of_two(X, Q)
+    if scale != 1.0:
+        X, Q = X * scale, Q * scale
+    exact = _Exact(X, Q, metric, self_index, torch.float32 if backend == "faiss" else work)
     if backend == "faiss":
         queries = None if (Y is None and rows is None) else Q
-        return _faiss_search(X, queries, k, metric, self_index, index, dict(index_params or {}))
-    X, Q = X.to(work), Q.to(work)
-    if Y is None and rows is None and chunk_size is None and n >= 2 * _SYM_BLOCK:
-        return _symmetric_search(X, k, metric, exclude_self)
-    return _torch_search(X, Q, k, metric, self_index, _chunk_rows(chunk_size))
+        found = _faiss_search(
+            X, queries, k, metric, self_index, index, dict(index_params or {}), exact
+        )
+    elif Y is None and rows is None and chunk_size is None and n >= 2 * SYMMETRIC_BLOCK:
+        found = _symmetric_search(X, k, metric, exclude_self, exact)
+    else:
+        found = _torch_search(X, Q, k, metric, self_index, chunk_size, exact)
+    if scale != 1.0 and metric == "euclidean":
+        found = Neighbors(found.distances / scale, found.indices)
+    return found
+
+
+def _integral(t: Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex())
+
+
+def _check_k(k: object, limit: int, why: str) -> int:
+    k = check_int(k, "k", low=1)
+    if k > limit:
+        raise ValueError(f"k={k} is too large: {why}")
+    return k
 
 
 def neighbor_recall(found: Tensor, exact: Tensor) -> float:
@@ -528,7 +698,8 @@ def neighbor_recall(found: Tensor, exact: Tensor) -> float:
     (``-1`` entries of ``found`` never match). With exact ties in distance, an exact method
     can score below 1.
     """
-    found, exact = torch.as_tensor(found), torch.as_tensor(exact)
+    found = check_tensor(found, "found", allow_numpy=True)
+    exact = check_tensor(exact, "exact", allow_numpy=True)
     if found.ndim != 2 or exact.ndim != 2 or found.shape[0] != exact.shape[0]:
         raise ValueError(
             f"found and exact must be (M, k) index lists of the same queries, got "

@@ -1,10 +1,10 @@
 """k-occurrence and the hubness measures of its distribution, and the ``Hubness`` estimator.
 
-Notation of ``../shared/reference/hubness.md``: the k-occurrence (hub value) ``N_k(x)`` of a
-point ``x`` is the number of queries that have ``x`` among their ``k`` nearest neighbours;
-over the ``N`` points of ``X`` queried by themselves, ``sum_x N_k(x) = N k`` and the mean is
-``k``. Every measure below is a function of the vector ``N_k`` (written ``n`` in formulas,
-``mu`` its mean), computed in float64.
+Notation of ``docs/guides/hubness.md`` ("k-occurrence", "Measures"): the k-occurrence (hub
+value) ``N_k(x)`` of a point ``x`` is the number of queries that have ``x`` among their ``k``
+nearest neighbours; over the ``N`` points of ``X`` queried by themselves,
+``sum_x N_k(x) = N k`` and the mean is ``k``. Every measure below is a function of the vector
+``N_k`` (written ``n`` in formulas, ``mu`` its mean), computed in float64.
 """
 
 from __future__ import annotations
@@ -19,6 +19,23 @@ import torch
 from torch import Tensor
 
 from kexue.hubness.knn import knn
+from kexue.validation import check_count, check_real
+
+__all__ = [
+    "MEASURES",
+    "Hubness",
+    "HubnessScores",
+    "antihub_occurrence",
+    "atkinson_index",
+    "gini_index",
+    "hub_mask",
+    "hub_occurrence",
+    "hubness_scores",
+    "k_occurrence",
+    "k_skewness",
+    "occurrence_counts",
+    "robin_hood_index",
+]
 
 MEASURES = (
     "k_skewness",
@@ -36,6 +53,7 @@ def occurrence_counts(indices: Tensor, n_points: int) -> Tensor:
     ``indices`` (M, k) of integers in ``[0, n_points)``; ``-1`` (a slot an approximate index
     left empty) is not counted. Returns an int64 tensor of shape (n_points,).
     """
+    n_points = check_count(n_points, "n_points")
     indices = torch.as_tensor(indices)
     if indices.ndim != 2 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
         raise ValueError(f"indices must be an (M, k) integer tensor, got {tuple(indices.shape)}")
@@ -118,10 +136,7 @@ def atkinson_index(n_k: Tensor | np.ndarray | Sequence[int], eps: float = 0.5) -
     ``eps >= 0`` sets how much weight the smallest counts get (0: none, the index is 0).
     With ``eps >= 1`` a single anti-hub (``n = 0``) makes the index 1.
     """
-    if not (isinstance(eps, int | float) and not isinstance(eps, bool)):
-        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    eps = check_real(eps, "eps", low=0.0)
     n = _counts(n_k)
     mu = n.mean()
     if eps == 1:
@@ -133,18 +148,8 @@ def atkinson_index(n_k: Tensor | np.ndarray | Sequence[int], eps: float = 0.5) -
     return float(1.0 - np.mean(n ** (1.0 - eps)) ** (1.0 / (1.0 - eps)) / mu)
 
 
-def _check_k_value(k: object) -> int:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    return int(k)
-
-
 def _check_hub_size(hub_size: object) -> float:
-    if isinstance(hub_size, bool) or not isinstance(hub_size, int | float):
-        raise TypeError(f"hub_size must be a number, got {type(hub_size).__name__}")
-    if not (hub_size > 0 and math.isfinite(hub_size)):
-        raise ValueError(f"hub_size must be a positive finite number, got {hub_size!r}")
-    return float(hub_size)
+    return check_real(hub_size, "hub_size", low=0.0, low_open=True)
 
 
 def hub_mask(n_k: Tensor, k: int, hub_size: float = 2.0) -> Tensor:
@@ -153,7 +158,7 @@ def hub_mask(n_k: Tensor, k: int, hub_size: float = 2.0) -> Tensor:
     This is scikit-hubness's code and issue #7's definition; the reference note's "``N_k >
     2k``" is the same rule with ``hub_size = (2k + 1) / k`` (counts are integers).
     """
-    return torch.as_tensor(n_k) >= _check_hub_size(hub_size) * _check_k_value(k)
+    return torch.as_tensor(n_k) >= _check_hub_size(hub_size) * check_count(k, "k")
 
 
 def hub_occurrence(
@@ -169,7 +174,7 @@ def hub_occurrence(
     ``M`` defaults to ``sum n / k`` (every query contributed ``k`` slots).
     """
     n = _counts(n_k)
-    k = _check_k_value(k)
+    k = check_count(k, "k")
     hub_size = _check_hub_size(hub_size)
     m = n.sum() / k if n_queries is None else n_queries
     if not m > 0:
@@ -213,7 +218,7 @@ def hubness_scores(
     """All measures of ``N_k`` at once (see the functions of the same names)."""
     n = torch.as_tensor(np.asarray(n_k.cpu() if isinstance(n_k, Tensor) else n_k))
     return HubnessScores(
-        k=_check_k_value(k),
+        k=check_count(k, "k"),
         k_skewness=k_skewness(n),
         robin_hood=robin_hood_index(n),
         gini=gini_index(n),
@@ -224,10 +229,6 @@ def hubness_scores(
         n_antihubs=int((n == 0).sum()),
         max_occurrence=int(n.max()),
     )
-
-
-class NotFittedError(ValueError, AttributeError):
-    """Raised when a fitted attribute or ``score`` is used before ``fit``."""
 
 
 class Hubness:
@@ -291,7 +292,7 @@ class Hubness:
         ks = [self.k] if isinstance(self.k, int | np.integer) else self.k
         if isinstance(self.k, bool) or not isinstance(ks, Sequence) or len(ks) == 0:
             raise ValueError(f"k must be a positive int or a non-empty sequence, got {self.k!r}")
-        return tuple(sorted({_check_k_value(v) for v in ks}))
+        return tuple(sorted({check_count(v, "k") for v in ks}))
 
     def fit(self, X: Tensor | np.ndarray, y: None = None) -> Hubness:
         """Search the neighbours of every point of ``X`` (N, d) and compute every measure.
@@ -328,6 +329,8 @@ class Hubness:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "scores_"):
+            from kexue.exceptions import NotFittedError  # scikit-learn's: imported when needed
+
             raise NotFittedError("this Hubness is not fitted yet; call fit(X) first")
 
     def _row(self, k: int | None) -> int:

@@ -1,10 +1,10 @@
 """Hub-prior latent sampling and the truncation-trick baseline, for any latent generator.
 
-Procedure of ``../shared/reference/hubness.md``: draw a pool of ``pool_size`` candidates
-``z ~ N(0, I)``, compute each candidate's hub value ``N_k`` within the pool, keep those with
-``N_k >= threshold``, and repeat rounds until ``n`` latents are kept; then ``x = G(z)``.
-Rejected candidates cost no generator call. The generator is any callable; this module does
-not import one.
+Procedure of ``docs/guides/hubness.md`` ("Hub-prior sampling"): draw a pool of ``pool_size``
+candidates ``z ~ N(0, I)``, compute each candidate's hub value ``N_k`` within the pool, keep
+those with ``N_k >= threshold``, and repeat rounds until ``n`` latents are kept; then
+``x = G(z)``. Rejected candidates cost no generator call. The generator is any callable; this
+module does not import one.
 """
 
 from __future__ import annotations
@@ -15,30 +15,21 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from kexue.hubness.knn import METRICS
+from kexue.hubness.knn import BACKENDS, METRICS
 from kexue.hubness.measures import k_occurrence
 from kexue.progress import progress_bar
+from kexue.validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_count,
+    check_dtype,
+    check_generator,
+    check_real,
+    check_shape,
+)
 
-
-def _latent_shape(latent_dim: object) -> tuple[int, ...]:
-    if isinstance(latent_dim, bool):
-        raise TypeError("latent_dim must be an int or a tuple of ints, got bool")
-    shape = (latent_dim,) if isinstance(latent_dim, int) else latent_dim
-    if (
-        not isinstance(shape, Sequence)
-        or not shape
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)
-    ):
-        raise ValueError(
-            f"latent_dim must be a positive int or a tuple of positive ints, got {latent_dim!r}"
-        )
-    return tuple(shape)
-
-
-def _check_count(n: object, name: str = "n") -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} must be a positive int, got {n!r}")
-    return n
+__all__ = ["HubPriorSampler", "truncated_normal_latents"]
 
 
 def truncated_normal_latents(
@@ -60,12 +51,14 @@ def truncated_normal_latents(
     closer to the mean: typically higher fidelity, less diversity. ``psi = inf`` with
     ``"truncate"`` is plain ``N(0, I)``.
     """
-    n = _check_count(n)
-    shape = _latent_shape(latent_dim)
-    if method not in ("truncate", "scale"):
-        raise ValueError(f"method must be 'truncate' or 'scale', got {method!r}")
-    if isinstance(psi, bool) or not isinstance(psi, int | float) or not psi > 0:
+    n = check_count(n, "n")
+    shape = check_shape(latent_dim, "latent_dim")
+    method = check_choice(method, "method", ("truncate", "scale"))
+    psi = check_real(psi, "psi", finite=False)
+    if not psi > 0:
         raise ValueError(f"psi must be a positive number, got {psi!r}")
+    check_generator(generator)
+    dtype = check_dtype(dtype)
     if method == "scale":
         if math.isinf(psi):
             raise ValueError("psi must be finite with method='scale'")
@@ -131,33 +124,32 @@ class HubPriorSampler:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        self.latent_shape = _latent_shape(latent_dim)
+        self.latent_shape = check_shape(latent_dim, "latent_dim")
         self.latent_dim = latent_dim
-        self.k = _check_count(k, "k")
-        self.pool_size = _check_count(pool_size, "pool_size")
-        self.max_rounds = _check_count(max_rounds, "max_rounds")
+        self.k = check_count(k, "k")
+        self.pool_size = check_count(pool_size, "pool_size")
+        self.max_rounds = check_count(max_rounds, "max_rounds")
         if self.k >= self.pool_size:
             raise ValueError(f"k={k} must be < pool_size={pool_size}")
         if isinstance(threshold, bool) or not isinstance(threshold, int | float):
             raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+        exclude_self = check_bool(exclude_self, "exclude_self")
         most = self.pool_size - 1 if exclude_self else self.pool_size
         if not 0 <= threshold <= most:
             raise ValueError(
                 f"threshold={threshold} can never be met: a hub value within a pool of "
                 f"{self.pool_size} lies in [0, {most}]"
             )
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.threshold = threshold
-        self.metric = metric
+        self.metric = check_choice(metric, "metric", METRICS)
         self.exclude_self = exclude_self
-        self.backend = backend
+        self.backend = check_choice(backend, "backend", BACKENDS)
         self.chunk_size = chunk_size
-        self.generator = generator
-        self.progress = progress
-        self.dtype = dtype
+        self.generator = check_generator(generator)
+        self.progress = check_bool(progress, "progress")
+        # latents are N(0, I) draws: only floating dtypes make sense (torch.randn's own error
+        # for int64 is a NotImplementedError from deep inside)
+        self.dtype = check_dtype(dtype)
         self.device = device
 
     def __repr__(self) -> str:
@@ -179,7 +171,7 @@ class HubPriorSampler:
 
     def sample(self, n: int) -> Tensor:
         """``n`` latents of shape ``(n, *latent_dim)`` with ``N_k >= threshold``."""
-        n = _check_count(n)
+        n = check_count(n, "n")
         kept: list[Tensor] = []
         values: list[Tensor] = []
         total, rounds, passed = 0, 0, 0
@@ -223,10 +215,9 @@ class HubPriorSampler:
     ) -> Tensor:
         """``generate_fn(z)`` for ``n`` hub-prior latents ``z``, in batches of ``batch_size``
         (default: all at once); the latents are kept in ``latents_``."""
-        if not callable(generate_fn):
-            raise TypeError("generate_fn must be callable as generate_fn(latents) -> tensor")
+        check_callable(generate_fn, "generate_fn", "generate_fn(latents) -> tensor")
         if batch_size is not None:
-            batch_size = _check_count(batch_size, "batch_size")
+            batch_size = check_count(batch_size, "batch_size")
         z = self.sample(n)
         self.latents_ = z
         outputs = []

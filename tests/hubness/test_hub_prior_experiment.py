@@ -1,4 +1,4 @@
-"""The tour's latent-prior comparison with a stand-in generator and scorer (fast)."""
+"""The latent-prior comparison of kexue.experiments.hub_prior, stand-in generator and scorer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import matplotlib
 import torch
 
-from kexue.tour.sections.hubness import (
+from kexue.experiments.hub_prior import (
     LatentPrior,
     compare_latent_priors,
     quality_diversity_figure,
