@@ -7,6 +7,11 @@ be trusted, a model that returned NaN, an estimator used before ``fit``, a missi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # resolved lazily at run time by __getattr__ below
+    from sklearn.exceptions import NotFittedError
+
 __all__ = [
     "CheckpointError",
     "KexueError",
