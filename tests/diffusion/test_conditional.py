@@ -156,7 +156,7 @@ def test_cli_train_variance_and_nll_on_a_tiny_run(tmp_path: Path, capsys):
     run = tmp_path / "run"
     code, _, err = cli("train", "--data", "digits8x8", "--out", str(run), "--steps", "20",
                        "--channels", "8", "--channel-mults", "1,2", "--blocks", "1",
-                       "--batch-size", "16", "--sample-every", "0", "--T", "100",
+                       "--batch-size", "16", "--sample-every", "0", "--timesteps", "100",
                        "--no-progress")  # fmt: skip
     assert code == 0, err
     code, out, err = cli("train-variance", "--ckpt", str(run), "--kind", "npr", "--data",

@@ -8,7 +8,11 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(
-    help="Diffusion models: train (DDPM), sample (DDPM/DDIM), export.", no_args_is_help=True
+    help=(
+        "Diffusion models: train (DDPM), sample (DDPM/DDIM, fixed or analytic variance), export, "
+        "train-variance (SN/NPR variance heads), nll (the likelihood bound in bits/dim)."
+    ),
+    no_args_is_help=True,
 )
 
 
@@ -39,6 +43,46 @@ def load_model(ckpt: str):
         raise typer.BadParameter(str(err), param_hint="--ckpt") from None
 
 
+def model_moments(
+    model,
+    images,
+    image_shape,
+    folder: Path | None,
+    steps: list[int] | None,
+    num_images: int,
+    generator,
+    progress: bool,
+):
+    """The moments behind ``--variance analytic*``: loaded from ``folder`` when it holds them
+    (checked against the model and the image shape), else estimated (at ``steps`` only when no
+    ``folder`` is given, at every step otherwise) and saved to ``folder``."""
+    from kexue.diffusion.moments import DiffusionMoments, estimate_moments, model_fingerprint
+    from kexue.exceptions import CheckpointError
+
+    schedule = model.schedule
+    if folder is not None and (folder / "config.json").exists():
+        try:
+            stats = DiffusionMoments.from_pretrained(folder)
+            stats.check(schedule, image_shape)
+            if steps is not None:
+                stats.check_steps(steps)
+        except (ValueError, CheckpointError) as err:
+            raise typer.BadParameter(str(err), param_hint="--moments") from None
+        recorded = stats.info.get("model_sha256")
+        if recorded and recorded != model_fingerprint(model):
+            raise typer.BadParameter(
+                "these moments were estimated for another model", param_hint="--moments"
+            )
+        return stats
+    stats = estimate_moments(
+        model, schedule, images, num_images=num_images,
+        timesteps=steps if folder is None else None, generator=generator, progress=progress,
+    )  # fmt: skip
+    if folder is not None:
+        stats.save_pretrained(folder)
+    return stats
+
+
 @app.command()
 def train(
     out: Annotated[
@@ -64,7 +108,9 @@ def train(
         str, typer.Option(help="Levels with self-attention, e.g. '2'.")
     ] = "",
     schedule: Annotated[str, typer.Option(help="su_linear | ddpm_linear | cosine")] = "su_linear",
-    T: Annotated[int, typer.Option("--T", help="Number of diffusion steps.")] = 1000,
+    timesteps: Annotated[
+        int, typer.Option("--timesteps", help="Number of diffusion steps T of the schedule.")
+    ] = 1000,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Train a U-Net eps-model (DDPM loss summed over pixels, EMA, crash-safe checkpoints).
@@ -87,13 +133,13 @@ def train(
             "channel_mults": _ints(channel_mults, "--channel-mults"),
             "blocks": blocks,
             "attention_levels": _ints(attention_levels, "--attention-levels"),
-            "T": T,
+            "T": timesteps,
         }
         try:
             config = DiffusionTrainConfig(
                 data=data, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                 ema_decay=ema_decay, grad_clip=grad_clip, seed=seed, ckpt_every=ckpt_every,
-                sample_every=sample_every, schedule={"kind": schedule, "T": T}, unet=unet,
+                sample_every=sample_every, schedule={"kind": schedule, "T": timesteps}, unet=unet,
             )  # fmt: skip
             trainer = Trainer.create(config, out)
         except ValueError as err:
@@ -117,7 +163,24 @@ def sample_command(
     steps: Annotated[int, typer.Option(help="Number of kept steps K (1000 = all).")] = 100,
     spacing: Annotated[str, typer.Option(help="even | quadratic")] = "even",
     eta: Annotated[float, typer.Option(help="1 = DDPM, 0 = DDIM.")] = 1.0,
-    variance: Annotated[str, typer.Option(help="eta | small | large")] = "eta",
+    variance: Annotated[
+        str,
+        typer.Option(
+            help="eta | small | large | analytic[-gamma|-moment|-mle|-diag|-mle-diag] (the "
+            "optimal variance from the model's moments, see --moments)"
+        ),
+    ] = "eta",
+    moments: Annotated[
+        Path | None,
+        typer.Option(
+            help="Moments folder for --variance analytic*: loaded if present, else estimated "
+            "on --data and saved there (default: estimated at the kept steps, not saved)."
+        ),
+    ] = None,
+    data: Annotated[
+        str, typer.Option(help="Training data of the moments (mnist5k | digits8x8 | folder:PATH).")
+    ] = "mnist5k",
+    moment_images: Annotated[int, typer.Option(help="Training images for the moments.")] = 100,
     n: Annotated[int, typer.Option(help="Number of images.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
     clip_x0: Annotated[float, typer.Option(help="Clamp x0 estimates (0 = off).")] = 0.0,
@@ -125,16 +188,25 @@ def sample_command(
         str, typer.Option(help="Image height,width (default: the model's training size).")
     ] = "",
 ) -> None:
-    """Sample a grid of images from a trained model."""
+    """Sample a grid of images from a trained model.
+
+    --variance analytic (Analytic-DPM) replaces the fixed reverse variance by the optimal one,
+    computed from the model's moments over training data: pass --moments DIR to estimate them
+    once for all T steps (saved there) and reuse them on later calls.
+    """
     import torch
 
     from kexue.diffusion.images import save_image_grid
     from kexue.diffusion.sampler import sample
 
-    if variance not in ("eta", "small", "large"):
-        raise typer.BadParameter("must be eta, small or large", param_hint="--variance")
+    if variance not in ("eta", *VARIANCES):
+        raise typer.BadParameter(
+            f"must be one of eta, {', '.join(VARIANCES)}", param_hint="--variance"
+        )
     if n < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--n")
+    if moment_images < 2:
+        raise typer.BadParameter("must be >= 2", param_hint="--moment-images")
     model = load_model(ckpt)
     schedule = model.schedule
     if schedule is None:
@@ -154,14 +226,30 @@ def sample_command(
     if eta < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--eta")
     shape = (n, model.config.in_channels, *hw)
+    kept = schedule.trajectory(steps, spacing) if steps < schedule.T else None
+    spec = None if variance == "eta" else variance
+    if variance.startswith("analytic"):
+        from kexue.diffusion.data import load_images
+        from kexue.diffusion.variance import optimal_variance
+
+        try:
+            images = load_images(data)
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--data") from None
+        stats = model_moments(model, images, shape[1:], moments, kept, moment_images,
+                              torch.Generator().manual_seed(seed), progress=True)  # fmt: skip
+        try:
+            spec = optimal_variance(stats, schedule, kept, kind=variance, eta=eta, shape=shape[1:])
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--moments") from None
     images = sample(
         model,
         schedule,
         shape,
-        steps=steps if steps < schedule.T else None,
+        steps=kept,
         spacing=spacing,
         eta=eta,
-        variance=None if variance == "eta" else variance,
+        variance=spec,
         generator=torch.Generator().manual_seed(seed),
         clip_x0=clip_x0 or None,
     )
@@ -263,9 +351,7 @@ def nll_command(
 
     from kexue.diffusion.data import load_images
     from kexue.diffusion.likelihood import nll_bpd
-    from kexue.diffusion.moments import DiffusionMoments, estimate_moments, model_fingerprint
     from kexue.diffusion.variance import optimal_trajectory, optimal_variance
-    from kexue.exceptions import CheckpointError
 
     if variance not in VARIANCES:
         raise typer.BadParameter(f"must be one of {', '.join(VARIANCES)}", param_hint="--variance")
@@ -289,27 +375,11 @@ def nll_command(
     need_moments = variance.startswith("analytic") or trajectory == "optimal"
     stats = None
     if need_moments:
-        if moments is not None and (moments / "config.json").exists():
-            try:
-                stats = DiffusionMoments.from_pretrained(moments)
-                stats.check(schedule, held.shape)
-            except (ValueError, CheckpointError) as err:
-                raise typer.BadParameter(str(err), param_hint="--moments") from None
-            recorded = stats.info.get("model_sha256")
-            if recorded and recorded != model_fingerprint(model):
-                raise typer.BadParameter(
-                    "these moments were estimated for another model", param_hint="--moments"
-                )
-        else:
-            only = None
-            if moments is None and trajectory != "optimal":
-                only = schedule.trajectory(steps, trajectory) if steps < schedule.T else None
-            stats = estimate_moments(
-                model, schedule, images, num_images=moment_images, timesteps=only, generator=gen,
-                progress=progress,
-            )  # fmt: skip
-            if moments is not None:
-                stats.save_pretrained(moments)
+        only = None
+        if trajectory != "optimal" and steps < schedule.T:
+            only = schedule.trajectory(steps, trajectory)
+        stats = model_moments(model, images, held.shape[1:], moments, only, moment_images, gen,
+                              progress)  # fmt: skip
     if steps == schedule.T:
         kept = list(range(1, schedule.T + 1))
     elif trajectory == "optimal":
