@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from scipy import special
 from torch.autograd import gradcheck
 
-import kexue.distributions.perturbed_argmax as pa
+import kexue.distributions.pairwise as pa
 from kexue.distributions import (
     NOISE_NAMES,
     PerturbedArgmaxCrossEntropy,
@@ -114,11 +114,13 @@ def test_blocks_over_classes_give_the_same_map_and_gradient(random_mu, monkeypat
     """A tiny block budget forces the one-row, few-classes path of the O(K n) memory loop."""
     monkeypatch.setattr(pa, "BLOCK_ELEMENTS", 64)
     mu = random_mu((2, 12), 1.0, seed=4)
-    p = perturbed_argmax_probs(mu, "normal", num_nodes=48).numpy()
+    p = perturbed_argmax_probs(mu, "normal", num_nodes=48, method="pairwise").numpy()
     for row in range(2):
         assert np.abs(p[row] - reference_probs(mu[row].numpy(), "normal")).max() <= 1e-7
     leaf = mu[:, :5].clone().requires_grad_()
-    assert gradcheck(lambda m: perturbed_argmax_log_probs(m, num_nodes=8), (leaf,))
+    assert gradcheck(
+        lambda m: perturbed_argmax_log_probs(m, num_nodes=8, method="pairwise"), (leaf,)
+    )
 
 
 def test_blocks_cover_every_class_once_within_budget() -> None:

@@ -31,7 +31,7 @@ class PerturbedArgmax(Distribution):
     Args:
         mu: finite scores ``(..., n)``; the batch shape is ``mu.shape[:-1]``.
         noise: a family name or :class:`~kexue.distributions.noise.NoiseFamily`.
-        num_nodes, rule: quadrature of ``probs``; see ``perturbed_argmax_probs``.
+        num_nodes, rule, method: quadrature of ``probs``; see ``perturbed_argmax_probs``.
     """
 
     arg_constraints: ClassVar[dict] = {"mu": constraints.real_vector}
@@ -42,15 +42,17 @@ class PerturbedArgmax(Distribution):
         mu: Tensor,
         noise: str | NoiseFamily = "normal",
         *,
-        num_nodes: int = 32,
+        num_nodes: int | None = None,
         rule: str = "auto",
+        method: str = "auto",
         validate_args: bool | None = None,
     ) -> None:
         check_mu(mu, -1)
         self.mu = mu
         self.noise = noise_family(noise)
-        self.num_nodes, self.rule = num_nodes, rule
-        check_quadrature(num_nodes, rule, self.noise)
+        self.method, self.rule, self.num_nodes = check_quadrature(
+            num_nodes, rule, self.noise, method
+        )
         self._num_events = mu.shape[-1]
         super().__init__(batch_shape=mu.shape[:-1], validate_args=validate_args)
 
@@ -62,7 +64,7 @@ class PerturbedArgmax(Distribution):
     def logits(self) -> Tensor:
         """Normalised log-probabilities ``log p_i`` (finite unless ``p_i`` is exactly 0)."""
         return perturbed_argmax_log_probs(
-            self.mu, self.noise, num_nodes=self.num_nodes, rule=self.rule
+            self.mu, self.noise, num_nodes=self.num_nodes, rule=self.rule, method=self.method
         )
 
     @lazy_property
@@ -126,11 +128,16 @@ class PerturbedArgmax(Distribution):
     def expand(self, batch_shape: torch.Size, _instance=None) -> PerturbedArgmax:
         mu = self.mu.expand((*batch_shape, self._num_events))
         return PerturbedArgmax(
-            mu, self.noise, num_nodes=self.num_nodes, rule=self.rule, validate_args=False
+            mu,
+            self.noise,
+            num_nodes=self.num_nodes,
+            rule=self.rule,
+            method=self.method,
+            validate_args=False,
         )
 
     def __repr__(self) -> str:
         return (
             f"PerturbedArgmax(mu: {tuple(self.mu.shape)}, noise={self.noise!r}, "
-            f"num_nodes={self.num_nodes}, rule={self.rule!r})"
+            f"method={self.method!r}, num_nodes={self.num_nodes}, rule={self.rule!r})"
         )

@@ -11,10 +11,12 @@ Built-in families (standard parameters; scale the scores ``mu`` for a temperatur
 - laplace: ``Phi(x) = exp(x) / 2`` for ``x < 0``, ``1 - exp(-x) / 2`` otherwise.
 - uniform(w): ``Phi(x) = clip(x / w, 0, 1)``; sparse, exact zeros below ``max(mu) - w``.
 
-Besides the public ``cdf``/``log_cdf``/``icdf``/``isf``/``sample``, each family has two kernel
-methods used by the quadrature, ``kernel_log_cdf_`` and ``kernel_dlog_cdf_``: they may
-overwrite their argument, may round ``log Phi`` to 0 where it is within ``1e-16`` (float64)
-or ``1e-7`` (float32) of 0, and return a finite derivative everywhere.
+Besides the public ``cdf``/``log_cdf``/``icdf``/``isf``/``sample``, each family has kernel
+methods used by the quadratures: ``kernel_log_cdf_`` and ``kernel_dlog_cdf_`` (the pairwise
+form), ``kernel_log_hazard_`` and ``kernel_dlog_hazard_`` (the form over the maximum, with the
+reverse hazard ``h = phi / Phi``). They may overwrite their argument, may round ``log Phi`` to
+0 where it is within ``1e-16`` (float64) or ``1e-7`` (float32) of 0, and return finite
+derivatives everywhere.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ class NoiseFamily:
     name: str = "noise"
     default_rule: str = "tanh-sinh"
     support_lower: float = -math.inf
+    # method="auto" picks this form; for the form over the maximum, the default number of
+    # nodes and whether the density has a kink (then cells are split at the largest scores).
+    default_method: str = "maximum"
+    grid_nodes: int = 64
+    grid_kinks: bool = False
 
     def cdf(self, x: Tensor) -> Tensor:
         """``Phi(x)``, elementwise, for a floating tensor ``x``."""
@@ -122,6 +129,25 @@ class NoiseFamily:
             (grad,) = torch.autograd.grad(value.sum(), leaf)
         return torch.where(torch.isfinite(value) & torch.isfinite(grad), grad, 0.0)
 
+    def kernel_log_hazard_(self, x: Tensor, log_cdf: Tensor) -> Tensor:
+        """``log h(x) = log phi(x) - log Phi(x)`` given ``log_cdf = log Phi(x)``; may overwrite
+        ``x``. The default differentiates ``_cdf`` with autograd for the density."""
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            (density,) = torch.autograd.grad(self._cdf(leaf).sum(), leaf)
+        # outside the support log phi - log Phi is -inf - (-inf): no mass there, h = 0
+        return density.log().sub_(log_cdf).nan_to_num_(nan=-math.inf)
+
+    def kernel_dlog_hazard_(self, x: Tensor, hazard: Tensor) -> Tensor:
+        """``d log h / dx = (log phi)' - h`` given ``hazard = h(x)``, finite where ``h > 0``;
+        may overwrite ``x``. The default uses autograd (twice) on ``_cdf``."""
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            (density,) = torch.autograd.grad(self._cdf(leaf).sum(), leaf, create_graph=True)
+            (slope,) = torch.autograd.grad(density.sum(), leaf)
+        out = slope.div_(density.detach()).sub_(hazard)
+        return torch.where(torch.isfinite(out), out, 0.0)
+
     def closed_form_log_probs(self, mu: Tensor) -> Tensor | None:
         """``log p`` over the last dim in closed form, or ``None`` when there is none."""
         return None
@@ -135,11 +161,23 @@ class NoiseFamily:
     def __repr__(self) -> str:
         return f"{self.name}()"
 
+    # Families with the same type and parameters are equal (``normal() == normal()``), so that
+    # per-family constants can be cached.
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        try:
+            return hash((type(self), tuple(sorted(vars(self).items()))))
+        except TypeError:  # an unhashable parameter
+            return id(self)
+
 
 class GumbelNoise(NoiseFamily):
     """Standard Gumbel: ``Phi(x) = exp(-exp(-x))``; the map is softmax (Gumbel-max trick)."""
 
     name = "gumbel"
+    grid_nodes = 16  # the form over the maximum gives softmax exactly at any number of nodes
 
     def _cdf(self, x: Tensor) -> Tensor:
         return torch.exp(-torch.exp(-x))
@@ -164,6 +202,13 @@ class GumbelNoise(NoiseFamily):
         limit = _exp_limit(x.dtype)
         return x.clamp_(-limit, limit).neg_().exp_()
 
+    # log phi = -x - e^{-x} = -x + log Phi: the hazard is e^{-x}.
+    def kernel_log_hazard_(self, x: Tensor, log_cdf: Tensor) -> Tensor:
+        return x.neg_()
+
+    def kernel_dlog_hazard_(self, x: Tensor, hazard: Tensor) -> Tensor:
+        return x.fill_(-1.0)
+
 
 # Inside [lo, hi], log Phi = log(erfc(-x / sqrt 2) / 2) needs no special function beyond erfc
 # (vectorised, ~4x cheaper than log_ndtr): erfc stays a normal float down to lo, and above hi
@@ -171,6 +216,7 @@ class GumbelNoise(NoiseFamily):
 _NORMAL_RANGE = {torch.float32: (-12.0, 5.5), torch.float64: (-37.0, 8.5)}
 _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 class NormalNoise(NoiseFamily):
@@ -178,6 +224,7 @@ class NormalNoise(NoiseFamily):
     probit (for ``n = 2``, ``p_1 = Phi((mu_1 - mu_2) / sqrt 2)``)."""
 
     name = "normal"
+    grid_nodes = 32
 
     def _cdf(self, x: Tensor) -> Tensor:
         # erfc form: (1 + erf(x / sqrt 2)) / 2 (torch.special.ndtr) cancels to 0 below x ~ -8
@@ -219,11 +266,19 @@ class NormalNoise(NoiseFamily):
             z[far] = exact
         return z
 
+    # log phi = -x^2 / 2 - log sqrt(2 pi), (log phi)' = -x.
+    def kernel_log_hazard_(self, x: Tensor, log_cdf: Tensor) -> Tensor:
+        return x.square_().mul_(-0.5).sub_(log_cdf).sub_(_LOG_SQRT_2PI)
+
+    def kernel_dlog_hazard_(self, x: Tensor, hazard: Tensor) -> Tensor:
+        return x.neg_().sub_(hazard)
+
 
 class LogisticNoise(NoiseFamily):
     """Standard logistic: ``Phi(x) = 1 / (1 + exp(-x))``."""
 
     name = "logistic"
+    grid_nodes = 64  # exponential tails: a wider window than the normal's
 
     def _cdf(self, x: Tensor) -> Tensor:
         return torch.sigmoid(x)
@@ -247,11 +302,20 @@ class LogisticNoise(NoiseFamily):
         limit = _exp_limit(x.dtype)
         return x.clamp_(-limit, limit).neg_().sigmoid_()
 
+    # phi = Phi (1 - Phi): the hazard is 1 - Phi(x) = Phi(-x), log h = log Phi(x) - x.
+    def kernel_log_hazard_(self, x: Tensor, log_cdf: Tensor) -> Tensor:
+        return torch.sub(log_cdf, x, out=x)
+
+    def kernel_dlog_hazard_(self, x: Tensor, hazard: Tensor) -> Tensor:
+        return torch.sub(hazard, 1.0, out=x)
+
 
 class LaplaceNoise(NoiseFamily):
     """Standard Laplace: ``Phi(x) = exp(x) / 2`` for ``x < 0``, ``1 - exp(-x) / 2`` otherwise."""
 
     name = "laplace"
+    grid_kinks = True
+    grid_nodes = 96
 
     def _cdf(self, x: Tensor) -> Tensor:
         return torch.where(
@@ -277,6 +341,13 @@ class LaplaceNoise(NoiseFamily):
     def kernel_dlog_cdf_(self, x: Tensor) -> Tensor:
         return x.clamp_(0.0, _exp_limit(x.dtype)).exp_().mul_(2.0).sub_(1.0).reciprocal_()
 
+    # log phi = -|x| - log 2, (log phi)' = -sign(x): a kink at 0.
+    def kernel_log_hazard_(self, x: Tensor, log_cdf: Tensor) -> Tensor:
+        return x.abs_().neg_().sub_(log_cdf).sub_(_LN2)
+
+    def kernel_dlog_hazard_(self, x: Tensor, hazard: Tensor) -> Tensor:
+        return x.sign_().neg_().sub_(hazard)
+
 
 class UniformNoise(NoiseFamily):
     """Uniform on ``[0, width]``: ``Phi(x) = clip(x / width, 0, 1)``. Bounded support makes the
@@ -284,6 +355,7 @@ class UniformNoise(NoiseFamily):
 
     name = "uniform"
     default_rule = "gauss-legendre"  # the integrand has kinks; tanh-sinh gains nothing here
+    default_method = "pairwise"  # its exact zeros come from the pairwise products
     support_lower = 0.0
 
     def __init__(self, width: float = 1.0) -> None:
@@ -316,7 +388,11 @@ class UniformNoise(NoiseFamily):
 
 
 class CustomNoise(NoiseFamily):
-    """A family from user callables; see :func:`custom_noise`."""
+    """A family from user callables; see :func:`custom_noise`. Its support and smoothness are
+    unknown, so ``method="auto"`` takes the pairwise form; ``method="maximum"`` suits smooth
+    densities with unbounded support."""
+
+    default_method = "pairwise"
 
     def __init__(
         self,
