@@ -1,15 +1,10 @@
-"""Crash-safe training checkpoints: safetensors tensors + a JSON manifest, never pickle.
+"""Crash-safe training checkpoints of diffusion runs: :mod:`kexue.checkpoint` (shared by every
+capability), with safetensors reported as part of the ``diffusion`` extra.
 
 Layout of a run folder ``OUT``::
 
     OUT/checkpoints/step-00001000/{model,ema,optimizer}.safetensors, state.json
     OUT/checkpoints/latest.json      -> {"step": 1000, "dir": "step-00001000"}
-
-A checkpoint is written into a temporary folder, flushed, renamed into place, and only then
-does ``latest.json`` move to it (temp file + ``os.replace``): a kill at any moment leaves the
-previous checkpoint intact and pointed to. ``state.json`` holds the SHA-256 of every tensor
-file, computed from the bytes written (no second read), so a truncated or altered file is
-reported instead of loaded.
 
 Checkpoints hold what a run needs to resume (model, EMA, optimizer); the model to sample from
 is written beside them with ``save_pretrained`` (``OUT/model``, see :mod:`.train`).
@@ -17,17 +12,18 @@ is written beside them with ``save_pretrained`` (``OUT/model``, see :mod:`.train
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from kexue.exceptions import CheckpointError
-from kexue.extras import require
-from kexue.io import fsync_dir, sha256_bytes, write_json_atomic
+from kexue import checkpoint as _shared
+from kexue.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+)
 
 __all__ = [
     "CheckpointError",
@@ -39,29 +35,6 @@ __all__ = [
 ]
 
 
-def optimizer_to_flat(state: dict) -> tuple[dict[str, Tensor], dict]:
-    """Split a torch optimizer ``state_dict`` into tensors (for safetensors) and JSON."""
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, entries in state["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, Tensor):
-                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(index), {})[name] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def optimizer_from_flat(tensors: dict[str, Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for index, entries in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(entries)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -71,53 +44,7 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write ``tensors`` (file name -> {key: tensor}) and ``state`` as checkpoint ``step``."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    st = require("safetensors.torch", "diffusion")
-    files = {}
-    for file_stem, group in tensors.items():
-        path = tmp / f"{file_stem}.safetensors"
-        data = st.save({k: v.detach().contiguous().cpu() for k, v in group.items()})
-        with open(path, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        files[path.name] = sha256_bytes(data)
-    write_json_atomic(tmp / "state.json", {"step": step, "files": files, **state})
-    final = root / name
-    if final.exists():  # a previous attempt at this very step: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    write_json_atomic(root / "latest.json", {"step": step, "dir": name})
-    _prune(root, keep, current=name)
-    return final
-
-
-def _prune(root: Path, keep: int, current: str) -> None:
-    done = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in done[:-keep] if keep > 0 else []:
-        if old.name != current:
-            shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*.tmp-*"):  # left by a killed writer
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The folder ``latest.json`` points to, or None when the run has no checkpoint yet."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest.json"
-    if not pointer.exists():
-        return None
-    try:
-        name = json.loads(pointer.read_text())["dir"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{pointer} is unreadable ({err}); the run cannot resume") from err
-    return root / name
+    return _shared.save_checkpoint(run_dir, step, tensors, state, keep=keep, extra="diffusion")
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
@@ -126,30 +53,4 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dic
     Returns ``(tensors, state)``; raises :class:`CheckpointError` naming the problem when a
     file is missing, truncated or does not match its recorded checksum.
     """
-    path = Path(path)
-    if (path / "checkpoints").is_dir() or not (path / "state.json").exists():
-        found = latest_checkpoint(path) if (path / "checkpoints").is_dir() else None
-        if found is None:
-            raise CheckpointError(f"no checkpoint found in {path}")
-        path = found
-    manifest = path / "state.json"
-    if not manifest.exists():
-        raise CheckpointError(f"checkpoint {path} has no state.json (incomplete write?)")
-    try:
-        state = json.loads(manifest.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{manifest} is corrupted: {err}") from err
-    st = require("safetensors.torch", "diffusion")
-    tensors = {}
-    for file_name, digest in state.get("files", {}).items():
-        file = path / file_name
-        if not file.exists():
-            raise CheckpointError(f"checkpoint {path} is missing {file_name}")
-        data = file.read_bytes()
-        if sha256_bytes(data) != digest:
-            raise CheckpointError(
-                f"checkpoint {path}: {file_name} does not match its recorded SHA-256 "
-                "(truncated or altered); refusing to load it"
-            )
-        tensors[file_name.removesuffix(".safetensors")] = st.load(data)
-    return tensors, state
+    return _shared.load_checkpoint(path, extra="diffusion")
