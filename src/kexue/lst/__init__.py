@@ -4,7 +4,8 @@ A small side network beside a frozen backbone, fed by gated ladders from its lay
 that trains; the backbone runs without autograd. PEFT-style API: ``get_lst_model(backbone,
 LSTConfig(...))``, ``model.save_pretrained(folder)``, ``LSTModel.from_pretrained(backbone,
 folder)``. :func:`run` trains and evaluates one :class:`RunSpec` end to end (what
-``kexue lst train`` does).
+``kexue lst train`` does), in one process or data-parallel under ``accelerate launch``, with
+crash-safe checkpoints and bit-exact resume.
 """
 
 from kexue.extras import require
@@ -12,6 +13,7 @@ from kexue.extras import require
 require("transformers", "lst")
 
 from kexue.lst.backbones import BackboneStates, backbone_adapter, load_backbone  # noqa: E402
+from kexue.lst.checkpoint import Checkpointing  # noqa: E402
 from kexue.lst.classifier import (  # noqa: E402
     PooledClassifier,
     build_text_classifier,
@@ -26,6 +28,7 @@ from kexue.lst.train import (  # noqa: E402
     TrainSettings,
     TrainStats,
     accuracy,
+    epoch_batches,
     predict,
     train_text_classifier,
 )
@@ -33,6 +36,7 @@ from kexue.lst.train import (  # noqa: E402
 __all__ = [
     "BackboneCache",
     "BackboneStates",
+    "Checkpointing",
     "Encoded",
     "LSTConfig",
     "LSTModel",
@@ -47,6 +51,7 @@ __all__ = [
     "backbone_adapter",
     "build_text_classifier",
     "encode",
+    "epoch_batches",
     "get_lst_model",
     "load_backbone",
     "load_inputs",

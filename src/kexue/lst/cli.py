@@ -1,7 +1,9 @@
 """``kexue lst ...``: train a text classifier with Ladder Side-Tuning (or a baseline).
 
 The command only turns its options into a :class:`kexue.lst.RunSpec`, runs it with
-:func:`kexue.lst.run` (progress bars on stderr) and saves what it returns.
+:func:`kexue.lst.run` (progress bars on stderr) and saves what it returns. Under
+``accelerate launch`` / ``torchrun`` every process runs it; the main process alone draws the
+bars, writes the files and prints the summary.
 """
 
 from __future__ import annotations
@@ -73,13 +75,38 @@ def train(
     cache_backbone: Annotated[
         bool, typer.Option(help="LST: compute the backbone states once, reuse every epoch.")
     ] = False,
+    dropout: Annotated[float, typer.Option(help="Dropout of what trains, in [0, 1).")] = 0.1,
+    device: Annotated[
+        str, typer.Option(help="auto (this process's GPU, else the CPU), cpu, cuda, cuda:N.")
+    ] = "auto",
+    mixed_precision: Annotated[
+        str | None,
+        typer.Option(
+            help="LST: autocast dtype of the backbone forward: no, bf16 (CPU or GPU), fp16 "
+            "(GPU). Default: accelerate launch's --mixed_precision for lst, else no."
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Write a training checkpoint to OUT/checkpoints every N steps (0: none)."
+        ),
+    ] = 0,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue from the latest checkpoint in --out (same options)."
+        ),
+    ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
     """Train on --data, evaluate accuracy on --eval, save the trained parts to --out.
 
     --out then holds config.json and the safetensors of what trained (load it with
     kexue.lst.load_text_classifier(out, backbone)) and metrics.json (accuracy, timings and
-    the run's options).
+    the run's options). With --checkpoint-every N, OUT/checkpoints holds crash-safe
+    checkpoints; run the same command with --resume to continue after a crash (bit-exact).
+    Under accelerate launch or torchrun, the processes share every batch.
     """
     if method not in ("lst", "full", "lora"):
         raise typer.BadParameter("choose one of lst, full, lora", param_hint="--method")
@@ -92,10 +119,15 @@ def train(
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
     layers = _parse_layers(side_layers)
+    if mixed_precision is None:  # accelerate's setting applies to LST's frozen backbone only
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        mixed_precision = launched if method == "lst" else "no"
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
+    from kexue.distributed import barrier, is_main_process
+    from kexue.exceptions import CheckpointError
     from kexue.io import write_json_atomic
     from kexue.lst.run import RunSpec, load_inputs, run
 
@@ -119,6 +151,9 @@ def train(
             train_size=limit,
             subset_seed=subset_seed,
             cache_backbone=cache_backbone,
+            dropout=dropout,
+            device=device,
+            mixed_precision=mixed_precision,
         )
     except (TypeError, ValueError) as err:
         raise typer.BadParameter(_one_line(err)) from None
@@ -126,19 +161,38 @@ def train(
         inputs = load_inputs(spec)
     except (ValueError, OSError, UnicodeDecodeError) as err:
         raise typer.BadParameter(_one_line(err)) from None
+    checkpoints = {"checkpoint_every": checkpoint_every, "resume": resume}
+    if checkpoint_every or resume:
+        checkpoints["checkpoint_dir"] = out
     try:
-        result = run(spec, inputs=inputs, progress=not no_progress)
+        result = run(spec, inputs=inputs, progress=not no_progress, **checkpoints)
+    except CheckpointError as err:
+        raise typer.BadParameter(_one_line(err), param_hint="--resume") from None
     except ValueError as err:  # the backbone does not fit the options (widths, layers)
-        raise typer.BadParameter(_one_line(err), param_hint="--backbone") from None
-    result.model.save_pretrained(out)
-    metrics = result.to_dict()
-    metrics.pop("losses")
-    write_json_atomic(out / "metrics.json", metrics)
+        hint = "--resume" if "checkpoints" in str(err) else "--backbone"
+        raise typer.BadParameter(_one_line(err), param_hint=hint) from None
+    if is_main_process():
+        result.model.save_pretrained(out)
+        metrics = result.to_dict()
+        metrics.pop("losses")
+        write_json_atomic(out / "metrics.json", metrics)
+        _summary(result, metrics, out)
+    barrier()
+
+
+def _summary(result, metrics: dict, out: Path) -> None:
     stats = result.stats
     trainable, total = result.trainable_parameters, result.all_parameters
+    epochs = stats.epoch_seconds
+    resumed = (
+        f" resumed_from_step={stats.resumed_from_step}"
+        if stats.resumed_from_step is not None
+        else ""
+    )
     typer.echo(
-        f"{method}: eval_accuracy={result.accuracy:.4f} ({result.eval_examples} examples) "
-        f"train_loss={metrics['final_loss']:.4f} trainable={trainable:,} "
+        f"{result.spec.method}: eval_accuracy={result.accuracy:.4f} ({result.eval_examples} "
+        f"examples) train_loss={metrics['final_loss']:.4f} trainable={trainable:,} "
         f"({100 * trainable / total:.2f}%) step={stats.median_step_ms:.1f} ms "
-        f"epoch={sum(stats.epoch_seconds) / len(stats.epoch_seconds):.1f} s saved={out}"
+        f"epoch={sum(epochs) / len(epochs) if epochs else float('nan'):.1f} s "
+        f"processes={stats.processes}{resumed} saved={out}"
     )

@@ -9,13 +9,19 @@ resident-set high-water mark is reset (``/proc/self/clear_refs``); when training
 (before evaluation), ``VmHWM - VmRSS(at reset)`` is the most memory training added on top of
 the loaded backbone and data (weights' gradients, optimiser state, activations kept for
 backward, caches, allocator slack). ``idle=True`` only loads, which gives the baseline of the
-whole-process high-water mark.
+whole-process high-water mark. On a GPU the peak of memory allocated by torch on the device
+during training is recorded too (``cuda_peak_train_mib``).
+
+``processes=N`` (``N > 1``) runs the spec data-parallel under ``torchrun`` on ``N`` processes
+(CPU processes with ``device="cpu"``); the JSON line is process 0's, and its memory is that
+of one process (each holds a replica of the backbone).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +30,9 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
+from kexue.distributed import is_main_process
 from kexue.lst.run import RunSpec, load_inputs, run
+from kexue.validation import check_int
 
 MIB = 2**20
 
@@ -70,16 +78,33 @@ def measure(spec: RunSpec, *, threads: int | None = None, idle: bool = False) ->
     reset = reset_peak_memory()
     base = memory_status()["VmRSS"]
 
+    cuda = torch.cuda.is_available() and spec.device != "cpu"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
+
     def after_training() -> dict[str, Any]:
         after = memory_status()
-        return {
+        out = {
             "peak_reset": reset,
             "peak_train_mib": (after["VmHWM"] - base) / MIB if reset else float("nan"),
             "hwm_total_mib": after["VmHWM"] / MIB,
         }
+        if cuda:
+            torch.cuda.synchronize()
+            out["cuda_peak_train_mib"] = (torch.cuda.max_memory_allocated() - cuda_base) / MIB
+        return out
 
     result = run(spec, inputs=inputs, progress=False, after_training=after_training)
     return {**header, **result.to_dict()}
+
+
+def free_port() -> int:
+    """A TCP port of this machine that is free now (for a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def measure_in_subprocess(
@@ -88,12 +113,19 @@ def measure_in_subprocess(
     threads: int | None = None,
     idle: bool = False,
     timeout: float | None = None,
+    processes: int = 1,
 ) -> dict[str, Any]:
-    """:func:`measure` in a fresh Python process (so memory peaks do not mix)."""
+    """:func:`measure` in a fresh Python process (so memory peaks do not mix), or in
+    ``processes`` data-parallel ones started by ``torchrun``."""
+    processes = check_int(processes, "processes", low=1)
     payload = json.dumps({"spec": spec.to_dict(), "threads": threads, "idle": idle})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        launcher += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     proc = subprocess.run(
-        [sys.executable, "-m", "kexue.lst.measure", payload],
+        [*launcher, "-m", "kexue.lst.measure", payload],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -106,12 +138,10 @@ def measure_in_subprocess(
 
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
-    print(
-        json.dumps(
-            measure(
-                RunSpec.from_dict(request["spec"]),
-                threads=request.get("threads"),
-                idle=bool(request.get("idle")),
-            )
-        )
+    measured = measure(
+        RunSpec.from_dict(request["spec"]),
+        threads=request.get("threads"),
+        idle=bool(request.get("idle")),
     )
+    if is_main_process():
+        print(json.dumps(measured), flush=True)

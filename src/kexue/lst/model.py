@@ -99,6 +99,10 @@ class LSTModel(nn.Module):
         config: the ``LSTConfig``.
         side_layers_: backbone layer indices that have a side block.
         pruning_plan_: the rows kept by the pruning initialisation (``None`` for random).
+        backbone_autocast: ``None`` (default) or ``torch.bfloat16`` / ``torch.float16``: run
+            the backbone's forward under ``torch.autocast`` to that dtype (mixed precision;
+            ``docs/guides/lst.md``, "Mixed precision"). The side network keeps its own dtype
+            (float32): it reads the states cast back to it. Not saved with the model.
     """
 
     def __init__(
@@ -132,6 +136,7 @@ class LSTModel(nn.Module):
         std = getattr(backbone.config, "initializer_range", None) or 0.02
         init_side_weights(self.side, std, generator)
         self.pruning_plan_: PruningPlan | None = None
+        self.backbone_autocast: torch.dtype | None = None
 
     # -- PEFT-style API ---------------------------------------------------------------------
 
@@ -190,15 +195,17 @@ class LSTModel(nn.Module):
             if labels is None:
                 raise ValueError("task='seq2seq-lm' needs labels or decoder_input_ids")
             decoder_input_ids = self._adapter.shift_right(labels)
-        return self._adapter.states(
-            self.side_layers_,
-            self.config.merge_backbone_output,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-        )
+        amp = self.backbone_autocast
+        with torch.autocast(input_ids.device.type, dtype=amp, enabled=amp is not None):
+            return self._adapter.states(
+                self.side_layers_,
+                self.config.merge_backbone_output,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+            )
 
     def forward(
         self,

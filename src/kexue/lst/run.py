@@ -9,9 +9,16 @@ the same way (``docs/guides/lst.md``, "Training from the command line").
 
 Randomness, for a given ``seed``: the training subset is drawn from ``subset_seed`` alone (the
 same examples whatever the seed); the side network's or head's random weights and the order of
-the Fisher pass come from a ``torch.Generator`` seeded with ``seed``, the batch order from
-another; dropout and LoRA's initialisation use torch's global generator, which :func:`run`
-seeds with ``seed`` inside ``torch.random.fork_rng`` (the caller's global state is restored).
+the Fisher pass come from a ``torch.Generator`` seeded with ``seed``; LoRA's initialisation
+uses torch's global generator, which :func:`run` seeds with ``seed`` inside
+``torch.random.fork_rng`` (the caller's global state is restored); the batches of epoch ``e``
+and the dropout of step ``k`` come from generators keyed by ``(seed, e)`` and
+``(seed, k, process)`` (:func:`kexue.lst.train_text_classifier`).
+
+Many processes: under ``accelerate launch`` or ``torchrun`` every process calls :func:`run`
+with the same spec; each trains on its share of every global batch, evaluates its share of
+the evaluation batches, and returns the same :class:`RunResult` (``docs/guides/lst.md``,
+"Many processes").
 """
 
 from __future__ import annotations
@@ -19,19 +26,21 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from kexue.lst.backbones import load_backbone
+from kexue.lst.checkpoint import Checkpointing
 from kexue.lst.classifier import METHODS, build_text_classifier
 from kexue.lst.config import LSTConfig, dataclass_from_dict
 from kexue.lst.data import Encoded, encode, read_tsv
-from kexue.lst.model import trainable_parameters
+from kexue.lst.model import LSTModel, trainable_parameters
+from kexue.lst.parallel import MIXED_PRECISION, autocast_dtype, check_device, setup_processes
 from kexue.lst.train import DEFAULT_LR, TrainSettings, TrainStats, accuracy, train_text_classifier
-from kexue.validation import check_choice, check_int, check_real, describe
+from kexue.validation import check_bool, check_choice, check_int, check_real, describe
 
 
 @dataclass
@@ -51,6 +60,13 @@ class RunSpec:
 
     Optimiser: ``epochs``, ``batch_size``, ``lr`` (``None``: 3e-3 for lst, 1e-4 for full,
     5e-4 for lora), ``weight_decay``, ``warmup``; ``seed`` (weights, batch order, dropout).
+    ``batch_size`` is the global batch: with ``W`` processes each computes about
+    ``batch_size / W`` of its rows.
+
+    Where: ``device`` (``"auto"``: this process's GPU under a launcher, else the first GPU,
+    else the CPU; or ``"cpu"``, ``"cuda"``, ``"cuda:1"``); ``mixed_precision`` (``"no"``,
+    ``"bf16"``, ``"fp16"``): the dtype of the backbone's forward under autocast, ``"lst"``
+    only (fp16 on CUDA only; the side network stays float32).
     """
 
     backbone: str
@@ -80,6 +96,9 @@ class RunSpec:
     eval_batch_size: int = 64
     cache_backbone: bool = False
     cache_dtype: str = "float32"
+    # where
+    device: str = "auto"
+    mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
         for name in ("backbone", "train", "eval"):
@@ -100,6 +119,15 @@ class RunSpec:
         self.eval_batch_size = check_int(self.eval_batch_size, "eval_batch_size", low=1)
         if self.cache_backbone and self.method != "lst":
             raise ValueError(f"cache_backbone needs method='lst', got method={self.method!r}")
+        self.device = check_device(self.device)
+        self.mixed_precision = check_choice(
+            self.mixed_precision, "mixed_precision", MIXED_PRECISION
+        )
+        if self.mixed_precision != "no" and self.method != "lst":
+            raise ValueError(
+                f"mixed_precision={self.mixed_precision!r} applies to the frozen backbone of "
+                f"method='lst', got method={self.method!r}"
+            )
 
     def lst_config(self, num_labels: int) -> LSTConfig:
         """The side network's ``LSTConfig`` for a task of ``num_labels`` classes."""
@@ -199,6 +227,7 @@ class RunResult:
     eval_seconds: float
     seconds: float
     stats: TrainStats
+    device: str = "cpu"
     lst_config: LSTConfig | None = None
     gates: dict[str, list[float]] | None = None
     measurements: dict[str, Any] = field(default_factory=dict)
@@ -220,6 +249,7 @@ class RunResult:
             "build_cpu_seconds": self.build_cpu_seconds,
             "eval_seconds": self.eval_seconds,
             "seconds": self.seconds,
+            "device": self.device,
             **self.stats.summary(),
             **self.measurements,
             "spec": self.spec.to_dict(),
@@ -237,6 +267,10 @@ def run(
     inputs: RunInputs | None = None,
     progress: bool = True,
     after_training: Callable[[], Mapping[str, Any]] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    keep_checkpoints: int = 2,
 ) -> RunResult:
     """Train and evaluate as ``spec`` says.
 
@@ -245,20 +279,52 @@ def run(
         inputs: what :func:`load_inputs` returned for ``spec`` (loaded by ``run`` when
             ``None``). A run changes its backbone (full fine-tuning trains it, LoRA wraps it,
             LST freezes it): load fresh inputs for each run.
-        progress: show progress bars (Fisher pass, caching, training, evaluation).
+        progress: show progress bars (Fisher pass, caching, training, evaluation; on the main
+            process only).
         after_training: called once between the last training step and the evaluation;
             what it returns is stored in ``RunResult.measurements`` (the memory probe reads
             the peak resident memory of training there).
+        checkpoint_dir: folder of the training checkpoints (``checkpoint_dir/checkpoints``,
+            :class:`~kexue.lst.Checkpointing`); required by ``checkpoint_every`` and
+            ``resume``.
+        checkpoint_every: write a checkpoint every that many steps and after the last (0:
+            none).
+        resume: continue from the latest checkpoint in ``checkpoint_dir`` (if any; the
+            Fisher pass is then skipped, the weights come from the checkpoint). The result
+            is bit-identical to the uninterrupted run. Without ``resume`` a folder that
+            already holds checkpoints is refused.
+        keep_checkpoints: how many of the newest checkpoints to keep.
 
     Returns:
-        The :class:`RunResult`, with the trained model in ``.model`` (eval mode).
+        The :class:`RunResult`, with the trained model in ``.model`` (eval mode, on the run's
+        device).
     """
     if not isinstance(spec, RunSpec):
         raise TypeError(f"spec must be a RunSpec, got {describe(spec)}")
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", low=0)
+    resume = check_bool(resume, "resume")
+    checkpointing = None
+    if checkpoint_dir is not None:
+        checkpointing = Checkpointing(
+            checkpoint_dir,
+            every=checkpoint_every,
+            resume=resume,
+            keep=keep_checkpoints,
+            identity=spec.to_dict(),
+        )
+    elif checkpoint_every or resume:
+        raise ValueError("checkpoint_every and resume need a checkpoint_dir")
     t_start = time.perf_counter()
+    device = setup_processes(spec.device)
+    amp = autocast_dtype(spec.mixed_precision, device)
+    resume_from = checkpointing.check_start() if checkpointing is not None else None
     inputs = load_inputs(spec) if inputs is None else inputs
     settings = spec.train_settings()
     config = spec.lst_config(inputs.num_labels) if spec.method == "lst" else None
+    # resuming: the checkpoint overwrites every trained weight, so skip the Fisher pass
+    build_config = config
+    if resume_from is not None and config is not None and config.init != "random":
+        build_config = replace(config, init="random")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         gen = torch.Generator().manual_seed(spec.seed)
@@ -267,7 +333,7 @@ def run(
             spec.method,
             inputs.backbone,
             inputs.num_labels,
-            lst_config=config,
+            lst_config=build_config,
             pooling=spec.pooling,
             dropout=spec.dropout,
             init_data=inputs.train_set.batches(
@@ -276,9 +342,18 @@ def run(
             generator=gen,
             progress=progress,
         )
+        if isinstance(model, LSTModel):
+            model.config = config  # the run's config (its init), also after a resume
+            model.backbone_autocast = amp
+        model.to(device)
         build_seconds, build_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         stats = train_text_classifier(
-            model, inputs.train_set, settings, pad_id=inputs.pad_id, progress=progress
+            model,
+            inputs.train_set,
+            settings,
+            pad_id=inputs.pad_id,
+            progress=progress,
+            checkpointing=checkpointing,
         )
         measurements = dict(after_training()) if after_training is not None else {}
         t1 = time.perf_counter()
@@ -303,6 +378,7 @@ def run(
         eval_seconds=eval_seconds,
         seconds=time.perf_counter() - t_start,
         stats=stats,
+        device=str(device),
         lst_config=config,
         gates={k: v.tolist() for k, v in gates().items()} if gates is not None else None,
         measurements=measurements,
