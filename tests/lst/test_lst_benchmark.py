@@ -36,8 +36,16 @@ def test_smoke_plan_measures_and_renders(tmp_path):
         "LST, Fisher init",
         "LST, Fisher init, cached backbone",
     }
+    parallel = results["parallel"]
+    assert [(r["name"], r["processes"], r["threads"]) for r in parallel] == [
+        ("LST, random init", 2, 1),
+        ("LST, random init", 1, 2),
+    ]
+    assert all(r["spec"]["device"] == "cpu" and 0 <= r["eval_accuracy"] <= 1 for r in parallel)
     page = (tmp_path / "lst.md").read_text()
     assert "## Results" in page and "Smoke plan" in page
+    assert "## Data-parallel training on CPU processes" in page
+    assert ("## Not run: the GPU scale run" in page) != results["cuda"]
     for png in ("lst-memory-time.png", "lst-gates.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     _bench("--render-only", "--out", str(tmp_path))
