@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from kexue.diffusion.sampler import call_model, initial_noise, sampling_device, sampling_dtypes
 from kexue.diffusion.schedule import NoiseSchedule
 from kexue.diffusion.solver_statistics import (
     SolverStatistics,
@@ -41,10 +42,8 @@ from kexue.validation import (
     check_bool,
     check_callable,
     check_choice,
-    check_dtype,
     check_generator,
     check_int,
-    check_model_output,
     check_shape,
     check_tensor,
     describe,
@@ -85,8 +84,7 @@ def v3_trajectory(
         spacing = check_choice(spacing, "spacing", SPACINGS)
         K = check_int(steps, "steps", low=1, high=T if spacing == "trailing" else T - 1)
         if spacing == "trailing":
-            trailing = np.round(np.arange(T, 0, -T / K)).astype(np.int64)[:K]
-            return _distinct_decreasing(trailing.tolist(), 1, T), 0
+            return schedule.trajectory(K, "trailing")[::-1], 0
         raw: list[int]
         if spacing == "time-uniform":
             raw = np.round(np.linspace(T, 1, K + 1)).astype(np.int64).tolist()
@@ -369,22 +367,6 @@ def _moved(update: V3Update | None, device: torch.device, dtype: torch.dtype):
     return V3Update(update.step, update.order, move(update.x_coef), coefs, move(update.bias))
 
 
-def _dtypes(eps_model: object, x_T: Tensor | None, dtype: torch.dtype | None):
-    """``(state dtype, model dtype, returned dtype)``: the state is never half precision."""
-    param = None
-    if isinstance(eps_model, nn.Module):
-        param = next((p for p in eps_model.parameters() if p.is_floating_point()), None)
-    if dtype is not None:
-        out = check_dtype(dtype, "dtype")
-    elif x_T is not None:
-        out = x_T.dtype
-    else:
-        out = param.dtype if param is not None else torch.float32
-    state = torch.float32 if out in (torch.float16, torch.bfloat16) else out
-    model = param.dtype if param is not None else out
-    return state, model, out
-
-
 @torch.no_grad()
 def dpm_solver_v3_sample(
     eps_model: Callable[[Tensor, Tensor], Tensor],
@@ -459,19 +441,8 @@ def dpm_solver_v3_sample(
     options = V3Options(order, spacing, pseudo_order, corrector, corrector_pseudo,
                         half_corrector, lower_order_final)  # fmt: skip
     plan = dpm_solver_v3_plan(schedule, statistics, steps, options)
-    state, model_dtype, out_dtype = _dtypes(eps_model, x_T, dtype)
-    if device is None:
-        param = next(eps_model.parameters(), None) if isinstance(eps_model, nn.Module) else None
-        device = param.device if param is not None else (x_T.device if x_T is not None else "cpu")
-    if x_T is None:
-        if generator is not None and generator.device.type != torch.device(device).type:
-            raise ValueError(
-                f"generator is on {generator.device} but sampling runs on "
-                f"{torch.device(device)}: pass a generator of that device"
-            )
-        x = torch.randn(shape, generator=generator, device=device, dtype=state)
-    else:
-        x = x_T.to(device=device, dtype=state)
+    state, model_dtype, out_dtype = sampling_dtypes(eps_model, x_T, dtype)
+    x = initial_noise(shape, x_T, generator, sampling_device(eps_model, x_T, device), state)
     predictors = [_moved(u, x.device, state) for u in plan.predictors]
     correctors = [_moved(u, x.device, state) for u in plan.correctors]
     f_x = [v.to(device=x.device, dtype=state) for v in plan.f_x]
@@ -480,9 +451,7 @@ def dpm_solver_v3_sample(
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task(f"DPM-Solver-v3 ({len(plan.steps)} steps)", total=len(plan.steps))
         for i, t in enumerate(plan.steps):
-            t_batch = torch.full((shape[0],), t, dtype=torch.long, device=x.device)
-            xm = x.to(model_dtype)
-            eps = check_model_output(eps_model(xm, t_batch), xm, step=t).to(state)
+            eps = call_model(eps_model, x, t, model_dtype)
             fs[i] = plan.f_eps[i] * eps + f_x[i] * x
             if correctors[i] is not None:
                 x = _apply(correctors[i], x_base, fs)

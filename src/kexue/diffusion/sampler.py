@@ -15,27 +15,32 @@ is how optimal reverse variances plug in without touching the loop.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kexue.diffusion.schedule import NoiseSchedule, check_schedule
+from kexue.diffusion.schedule import SAMPLING_SPACING, NoiseSchedule, check_schedule
 from kexue.progress import progress_bar
 from kexue.validation import (
     check_callable,
     check_dtype,
     check_generator,
+    check_int,
     check_model_output,
     check_real,
     check_shape,
     check_tensor,
+    describe,
 )
 
+SOLVERS = ("ddim", "dpm-solver-v3")
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 # A variance callable gets (x_t, t, s, eps_theta) and returns a variance broadcastable to x_t.
 VarianceFn = Callable[[Tensor, int, int, Tensor], Tensor | float]
@@ -157,32 +162,76 @@ def model_parameter(eps_model: object) -> Tensor | None:
     return None
 
 
-def _placement(
-    eps_model: object,
-    x_T: Tensor | None,
-    dtype: torch.dtype | None,
-    device: torch.device | str | None,
-) -> tuple[torch.dtype, torch.device | str | None]:
-    """Sampling dtype and device: ``dtype=`` if given, else ``x_T``'s dtype, else the model's
-    parameters', else float32; ``device=`` if given, else the model's, else ``x_T``'s. A
-    module whose parameters have another dtype is a ``TypeError`` naming ``dtype``."""
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def sampling_dtypes(
+    eps_model: object, x_T: Tensor | None, dtype: torch.dtype | None
+) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """``(state, model input, returned)`` dtypes of a sampling loop.
+
+    Returned: ``dtype=`` if given, else ``x_T``'s dtype, else the model's parameters', else
+    float32. The state (and every schedule coefficient applied to it) is never half
+    precision: float16/bfloat16 run the loop in float32 and cast only the model's input. The
+    model input is a module's parameter dtype (a plain callable gets the returned dtype). A
+    module in float32 or float64 must match the returned dtype (``TypeError`` naming
+    ``dtype``); a half-precision module may be sampled in any floating dtype.
+    """
     param = model_parameter(eps_model)
     if dtype is not None:
-        dtype, source = check_dtype(dtype, "dtype"), f"dtype={dtype}"
+        out, source = check_dtype(dtype, "dtype"), f"dtype={dtype}"
     elif x_T is not None:
-        dtype, source = x_T.dtype, f"x_T's dtype {x_T.dtype} (dtype=None keeps it)"
+        out, source = x_T.dtype, f"x_T's dtype {x_T.dtype} (dtype=None keeps it)"
     else:
-        dtype = param.dtype if param is not None else torch.float32
+        out = param.dtype if param is not None else torch.float32
         source = ""
-    if param is not None and param.dtype != dtype:
+    if param is not None and param.dtype != out and param.dtype not in HALF_DTYPES:
         raise TypeError(
-            f"eps_model's parameters are {param.dtype} but sampling was asked in {dtype} "
+            f"eps_model's parameters are {param.dtype} but sampling was asked in {out} "
             f"({source}); pass dtype={param.dtype} (and x_T in it) or convert the model with "
-            f"eps_model.to({dtype})"
+            f"eps_model.to({out})"
         )
-    if device is None:
-        device = param.device if param is not None else (x_T.device if x_T is not None else None)
-    return dtype, device
+    state = torch.float32 if out in HALF_DTYPES else out
+    return state, (param.dtype if param is not None else out), out
+
+
+def sampling_device(
+    eps_model: object, x_T: Tensor | None, device: torch.device | str | None
+) -> torch.device:
+    """``device=`` if given, else the model's (an ``nn.Module``), else ``x_T``'s, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    param = model_parameter(eps_model)
+    if param is not None:
+        return param.device
+    return x_T.device if x_T is not None else torch.device("cpu")
+
+
+def initial_noise(
+    shape: tuple[int, ...],
+    x_T: Tensor | None,
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    """``x_T`` moved to ``device``/``dtype``, or a standard normal draw from ``generator``
+    (which must live on ``device``'s type: ``ValueError`` naming ``generator`` otherwise)."""
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but sampling runs on {device}: pass a "
+            "generator of that device (torch.Generator(device).manual_seed(...))"
+        )
+    if x_T is None:
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    return x_T.to(dtype=dtype, device=device)
+
+
+def call_model(eps_model: EpsModel, x: Tensor, t: int, model_dtype: torch.dtype) -> Tensor:
+    """``eps_model(x, t)`` for the whole batch at step ``t``, the input cast to
+    ``model_dtype`` and the output checked (shape, finite) and returned in ``x``'s dtype."""
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    xm = x.to(model_dtype)
+    return check_model_output(eps_model(xm, t_batch), xm, step=t).to(x.dtype)
 
 
 def _check_variance_spec(variance: object, eta: float, kept: list[int]) -> None:
@@ -211,8 +260,10 @@ def sample(
     shape: Sequence[int],
     *,
     steps: int | Sequence[int] | None = None,
-    spacing: str = "even",
-    eta: float = 1.0,
+    solver: Any = "ddim",
+    statistics: Any = None,
+    spacing: str | None = None,
+    eta: float | None = None,
     variance: str | Tensor | VarianceFn | None = None,
     x_T: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -223,7 +274,8 @@ def sample(
     dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Generate ``shape = (N, C, H, W)`` images by running the reverse process
-    (``docs/guides/diffusion.md``, "Sampling: the DDIM family").
+    (``docs/guides/diffusion.md``, "Sampling: the DDIM family"; ``docs/guides/few-step.md``
+    for the solvers and spacings).
 
     Args:
         eps_model: any callable ``eps_model(x_t, t) -> eps`` with ``t`` a long tensor of
@@ -231,27 +283,50 @@ def sample(
             diffusers ``UNet2DModel``).
         schedule: the :class:`NoiseSchedule` the model was trained with (a model loaded with
             ``from_pretrained`` carries it as ``model.schedule``; another one is an error).
-        steps: None (all T steps), an int K (a trajectory of K steps with ``spacing``), or an
-            explicit increasing list of kept steps in ``1..T``. After the smallest kept step
-            the sampler jumps to clean data (t = 0).
-        eta: member of the DDIM family (1 = DDPM, 0 = deterministic DDIM); sets the mean.
+        steps: None (all T steps), an int K (K model calls on a trajectory with ``spacing``),
+            or an explicit increasing list of kept steps in ``1..T``. After the smallest kept
+            step the sampler jumps to clean data (t = 0).
+        solver: ``"ddim"`` (default): the DDIM family below (``eta``, ``variance``);
+            ``"dpm-solver-v3"``: the deterministic multistep ODE solver built on the model's
+            empirical statistics (:func:`~kexue.diffusion.dpm_solver_v3.dpm_solver_v3_sample`,
+            trailing steps); or a diffusers scheduler instance (``DDIMScheduler``,
+            ``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``, ...), run on this
+            loop with its noise schedule replaced by ``schedule``'s
+            (``trained_betas = schedule.to_diffusers_betas()``, its other settings kept) and
+            the model called at diffusers' timestep + 1; ``steps`` is then its
+            ``num_inference_steps``.
+        statistics: for ``"dpm-solver-v3"``: the model's
+            :class:`~kexue.diffusion.solver_statistics.SolverStatistics`; None looks for
+            statistics shipped for this very model (the shipped ``"mnist5k"``).
+        spacing: how an int K is spread (``"trailing"``, ``"even"`` or ``"quadratic"``, see
+            :meth:`NoiseSchedule.trajectory`). Default: ``"trailing"``, which measured best at
+            K <= 20 on the shipped model; but ``"even"`` when ``variance`` is a per-step tensor
+            or a callable, because ``optimal_variance``, ``fixed_variance`` and
+            ``VarianceHead.reverse_variance`` build theirs on even trajectories by default and
+            a tensor does not record its trajectory.
+        eta: member of the DDIM family (default 1 = DDPM, 0 = deterministic DDIM); sets the
+            mean. Only for ``solver="ddim"``.
         variance: variance of the added noise, overriding ``sigma^2``: ``"small"``,
             ``"large"``, a tensor of shape ``(K, ...)`` (entry ``i`` for the jump from
             ``steps[i]`` to ``steps[i-1]``, or to 0 for ``i = 0``; trailing dims broadcast to
             one image), or a callable ``variance(x_t, t, s, eps_theta)``. A variance that
             records the ``eta`` or trajectory it was built for (``VarianceHead.
-            reverse_variance``) must match this call's.
+            reverse_variance``) must match this call's. Only for ``solver="ddim"``.
         x_T: the initial noise, a floating tensor of ``shape`` (default: drawn from
             ``generator``).
         generator: source of the initial and per-step noise (on the sampling device).
-        clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]`` (and recompute ``eps``).
+        clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]`` (and recompute ``eps``); only for
+            ``solver="ddim"`` (a diffusers scheduler has its own ``clip_sample``).
         progress: show a progress bar.
-        return_trajectory: also return ``[x]`` after every jump (on the CPU).
+        return_trajectory: also return ``[x]`` after every jump (on the CPU); not for
+            ``"dpm-solver-v3"``.
         device: where to sample; default: the model's device (an ``nn.Module``), else
             ``x_T``'s, else the CPU.
-        dtype: the dtype of every tensor of the loop; default: ``x_T``'s dtype when ``x_T`` is
-            given, else the model's parameter dtype, else float32. A module whose parameters
-            have another dtype is a ``TypeError``: convert one or the other.
+        dtype: the dtype of the returned images; default: ``x_T``'s dtype when ``x_T`` is
+            given, else the model's parameter dtype, else float32. The loop runs in it, except
+            that float16/bfloat16 run the loop (every schedule coefficient) in float32 and
+            cast only the model's input. A float32/float64 module whose parameters have
+            another dtype is a ``TypeError``: convert one or the other.
 
     Returns:
         The images ``x_0`` (``dtype``), or ``(x_0, trajectory)``.
@@ -262,7 +337,48 @@ def sample(
     check_callable(eps_model, "eps_model", "eps_model(x_t, t)")
     check_schedule(schedule, eps_model)
     shape = check_shape(shape, "shape", min_len=2)
+    kind = check_solver(solver)
+    if kind != "ddim":
+        given = {"eta": eta, "variance": variance, "clip_x0": clip_x0, "spacing": spacing}
+        if kind == "dpm-solver-v3":
+            given["return_trajectory"] = return_trajectory or None
+        extra = sorted(k for k, v in given.items() if v is not None)
+        if extra:
+            raise ValueError(
+                f"{', '.join(extra)} only apply to solver='ddim', not to solver={kind!r}"
+            )
+    if kind != "dpm-solver-v3" and statistics is not None:
+        raise ValueError("statistics only apply to solver='dpm-solver-v3'")
+    if x_T is not None:
+        x_T = check_tensor(x_T, "x_T", floating=True)
+        if tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+    generator = check_generator(generator)
+    if kind == "dpm-solver-v3":
+        from kexue.diffusion.dpm_solver_v3 import dpm_solver_v3_sample
+        from kexue.diffusion.solver_statistics import default_statistics
+
+        if statistics is None:
+            statistics = default_statistics(eps_model, schedule)
+        return dpm_solver_v3_sample(
+            eps_model, schedule, statistics, shape if x_T is None else x_T,
+            steps=10 if steps is None else steps, generator=generator, progress=progress,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+    state, model_dtype, out_dtype = sampling_dtypes(eps_model, x_T, dtype)
+    x = initial_noise(shape, x_T, generator, sampling_device(eps_model, x_T, device), state)
+    if kind == "diffusers":
+        x, trajectory = diffusers_loop(
+            eps_model, schedule, solver, x, steps, generator, model_dtype, progress,
+            return_trajectory,
+        )  # fmt: skip
+        x = x.to(out_dtype)
+        return (x, trajectory) if return_trajectory else x
+    if spacing is None:
+        per_step = isinstance(variance, Tensor) or callable(variance)
+        spacing = "even" if per_step else SAMPLING_SPACING
     kept = resolve_steps(schedule, steps, spacing)
+    eta = 1.0 if eta is None else eta
     fixed = variance if isinstance(variance, str) or variance is None else None
     plan = jumps(schedule, kept, eta, fixed)
     eta = check_eta(eta)
@@ -273,27 +389,13 @@ def sample(
     _check_variance_spec(variance, eta, kept)
     if clip_x0 is not None:
         clip_x0 = check_real(clip_x0, "clip_x0", low=0.0, low_open=True)
-    if x_T is not None:
-        x_T = check_tensor(x_T, "x_T", floating=True)
-        if tuple(x_T.shape) != shape:
-            raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
-    generator = check_generator(generator)
-    dtype, device = _placement(eps_model, x_T, dtype, device)
-    if x_T is None:
-        _check_generator_device(generator, device)
-        x = torch.randn(shape, generator=generator, dtype=dtype, device=device)
-    else:
-        x = x_T.to(dtype=dtype, device=device)
-    _check_generator_device(generator, x.device)
     if isinstance(variance, Tensor):  # moved once, not at every step
         per_step = per_step.to(dtype=x.dtype, device=x.device)
     trajectory = [x.cpu()] if return_trajectory else []
-    batch = shape[0]
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task(f"sampling ({len(kept)} steps, eta={eta:g})", total=len(plan))
         for index, jump in enumerate(plan):
-            t_batch = torch.full((batch,), jump.t, dtype=torch.long, device=x.device)
-            eps = check_model_output(eps_model(x, t_batch), x, step=jump.t)
+            eps = call_model(eps_model, x, jump.t, model_dtype)
             x0 = (x - jump.bbar_t * eps) / jump.abar_t
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
@@ -314,19 +416,91 @@ def sample(
             if return_trajectory:
                 trajectory.append(x.cpu())
             bar.advance(task)
+    x = x.to(out_dtype)
+    if return_trajectory and out_dtype != state:
+        trajectory[-1] = x.cpu()
     return (x, trajectory) if return_trajectory else x
 
 
-def _check_generator_device(
-    generator: torch.Generator | None, device: torch.device | str | None
-) -> None:
-    if generator is None or device is None:
-        return
-    if generator.device.type != torch.device(device).type:
-        raise ValueError(
-            f"generator is on {generator.device} but sampling runs on {torch.device(device)}: "
-            "pass a generator of that device (torch.Generator(device).manual_seed(...))"
+def check_solver(solver: object) -> str:
+    """``"ddim"``, ``"dpm-solver-v3"`` or ``"diffusers"`` (a diffusers scheduler instance:
+    an object with ``set_timesteps``, ``step`` and ``config``); ``TypeError``/``ValueError``
+    naming ``solver`` otherwise."""
+    if isinstance(solver, str):
+        if solver not in SOLVERS:
+            raise ValueError(
+                f"solver must be one of {SOLVERS} or a diffusers scheduler instance, got {solver!r}"
+            )
+        return solver
+    if isinstance(solver, type):
+        raise TypeError(
+            f"solver must be a diffusers scheduler instance, got the class {solver.__name__}: "
+            f"pass {solver.__name__}() (kexue replaces its noise schedule)"
         )
+    if all(hasattr(solver, a) for a in ("set_timesteps", "step", "config")):
+        return "diffusers"
+    raise TypeError(
+        f"solver must be one of {SOLVERS} or a diffusers scheduler instance, got {describe(solver)}"
+    )
+
+
+def diffusers_scheduler(scheduler: Any, schedule: NoiseSchedule) -> Any:
+    """A new scheduler of ``scheduler``'s class and settings whose noise schedule is
+    ``schedule``'s: ``num_train_timesteps = T`` and ``trained_betas`` = the DDPM paper's betas
+    ``1 - alpha_t^2`` (``docs/guides/diffusion.md``, "Timesteps")."""
+    cls = type(scheduler)
+    if "trained_betas" not in inspect.signature(cls.__init__).parameters:
+        raise ValueError(
+            f"solver {cls.__name__} takes no trained_betas: kexue cannot give it the model's "
+            "noise schedule"
+        )
+    betas = schedule.to_diffusers_betas().tolist()
+    return cls.from_config(dict(scheduler.config), num_train_timesteps=schedule.T,
+                           trained_betas=betas)  # fmt: skip
+
+
+def diffusers_loop(
+    eps_model: EpsModel,
+    schedule: NoiseSchedule,
+    scheduler: Any,
+    x: Tensor,
+    steps: int | Sequence[int] | None,
+    generator: torch.Generator | None,
+    model_dtype: torch.dtype,
+    progress: bool = False,
+    return_trajectory: bool = False,
+) -> tuple[Tensor, list[Tensor]]:
+    """Run a diffusers scheduler on kexue's loop from ``x`` (``x_T``): diffusers' timestep
+    ``k`` is our step ``k + 1`` (``docs/guides/diffusion.md``, "Timesteps"). ``steps``: None
+    (``T``), an int (``num_inference_steps``) or increasing kept steps in ``1..T`` (for
+    schedulers whose ``set_timesteps`` takes ``timesteps``). Returns ``(x_0, trajectory)``."""
+    sched = diffusers_scheduler(scheduler, schedule)
+    if steps is None or (isinstance(steps, numbers.Integral) and not isinstance(steps, bool)):
+        K = schedule.T if steps is None else check_int(steps, "steps", low=1, high=schedule.T)
+        sched.set_timesteps(K, device=x.device)
+    else:
+        kept = resolve_steps(schedule, steps)
+        if "timesteps" not in inspect.signature(sched.set_timesteps).parameters:
+            raise ValueError(
+                f"{type(sched).__name__}.set_timesteps takes no explicit timesteps: pass "
+                "steps as an int"
+            )
+        sched.set_timesteps(timesteps=[t - 1 for t in reversed(kept)], device=x.device)
+    takes_generator = "generator" in inspect.signature(sched.step).parameters
+    x = x * sched.init_noise_sigma
+    trajectory = [x.cpu()] if return_trajectory else []
+    with progress_bar(disable=not progress) as bar:
+        timesteps = [int(k) for k in sched.timesteps]
+        task = bar.add_task(f"sampling ({type(sched).__name__}, {len(timesteps)} steps)",
+                            total=len(timesteps))  # fmt: skip
+        for k in sched.timesteps:
+            eps = call_model(eps_model, sched.scale_model_input(x, k), int(k) + 1, model_dtype)
+            kwargs = {"generator": generator} if takes_generator else {}
+            x = sched.step(eps, k, x, **kwargs).prev_sample
+            if return_trajectory:
+                trajectory.append(x.cpu())
+            bar.advance(task)
+    return x, trajectory
 
 
 class DiffusersEpsModel(nn.Module):

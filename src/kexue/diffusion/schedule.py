@@ -22,10 +22,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from kexue.validation import check_generator, check_int, check_tensor, describe
+
+SPACINGS = ("even", "quadratic", "trailing")
+# Sampling's default spread of K steps: trailing beat even and quadratic at every K <= 20 on
+# the shipped model (docs/guides/few-step.md, "Where the steps go"); likelihood keeps "even".
+SAMPLING_SPACING = "trailing"
 
 
 class NoisyBatch(NamedTuple):
@@ -217,24 +223,32 @@ class NoiseSchedule:
         return 1 - self.alpha[1:] ** 2
 
     def trajectory(self, K: int, spacing: str = "even") -> list[int]:
-        """``K`` kept steps, increasing, always including ``1`` and ``T``.
+        """``K`` kept steps, increasing (``docs/guides/few-step.md``, "Where the steps go").
 
         ``"even"``: ``round(linspace(1, T, K))``; ``"quadratic"``: ``1 + (T - 1) (i/(K-1))^2``
-        (dense at small t, where the image takes shape). Rounding collisions are pushed apart
-        so the K steps stay distinct.
+        (dense at small t, where the image takes shape); both keep ``1`` and ``T``, so the last
+        jump (from step 1 to clean data) is the decoder step a likelihood bound needs.
+        ``"trailing"``: ``round(T - k T/K)`` for ``k = 0..K-1``, i.e. ``T/K, 2T/K, ..., T``
+        (diffusers' trailing spacing): every model call moves the sample ``T/K`` steps and the
+        last jump goes from ``T/K`` to clean data; what sampling uses by default
+        (:data:`SAMPLING_SPACING`). Rounding collisions are pushed apart so the K steps stay
+        distinct.
         """
         T = self.T
         if not isinstance(K, int) or isinstance(K, bool):
             raise TypeError(f"K must be an int, got {type(K).__name__}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+        if spacing == "trailing":
+            if not 1 <= K <= T:
+                raise ValueError(f"K must be in 1..T={T}, got {K}")
+            # diffusers: np.round(np.arange(T, 0, -T / K)) - 1 in its 0-based steps
+            raw = np.round(np.arange(T, 0, -T / K))[:K]
+            return sorted(int(v) for v in raw)  # distinct: neighbours differ by T/K >= 1
         if not 2 <= K <= T:
             raise ValueError(f"K must be in 2..T={T} (a trajectory keeps 1 and T), got {K}")
         i = torch.arange(K, dtype=torch.float64) / (K - 1)
-        if spacing == "even":
-            raw = 1 + (T - 1) * i
-        elif spacing == "quadratic":
-            raw = 1 + (T - 1) * i**2
-        else:
-            raise ValueError(f"spacing must be 'even' or 'quadratic', got {spacing!r}")
+        raw = 1 + (T - 1) * (i if spacing == "even" else i**2)
         steps = [int(v) for v in torch.round(raw).tolist()]
         for k in range(1, K):  # strictly increasing from the start ...
             steps[k] = max(steps[k], steps[k - 1] + 1)

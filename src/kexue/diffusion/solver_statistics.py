@@ -24,6 +24,7 @@ processes and adding the sums gives the same statistics.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import numbers
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 
 from kexue.diffusion.schedule import NoiseSchedule
 from kexue.exceptions import CheckpointError
-from kexue.pretrained import PretrainedMixin
+from kexue.pretrained import PretrainedMixin, read_config, shipped_names
 from kexue.progress import progress_bar
 from kexue.validation import (
     check_callable,
@@ -58,8 +59,10 @@ __all__ = [
     "SolverSums",
     "accumulate_solver_sums",
     "check_same_schedule",
+    "default_statistics",
     "estimate_solver_statistics",
     "log_snr",
+    "model_fingerprint",
     "pair_generator",
     "statistics_grid",
 ]
@@ -673,3 +676,40 @@ def estimate_solver_statistics(
         "model": type(eps_model).__name__,
     }
     return sums.statistics(schedule, ridge=ridge, num_images=n, info=info)
+
+
+# ---------------------------------------------------------------------- shipped statistics
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes and bytes of every tensor of its
+    ``state_dict``, in order): what ties shipped statistics to the exact weights they were
+    estimated on (a converted or fine-tuned copy has another fingerprint)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {describe(model)}")
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def default_statistics(eps_model: object, schedule: NoiseSchedule) -> SolverStatistics:
+    """The shipped statistics estimated on exactly ``eps_model``'s weights (recorded as
+    ``info["model_fingerprint"]``, see :func:`model_fingerprint`) for ``schedule``;
+    ``ValueError`` naming ``statistics`` when none is shipped for it."""
+    if isinstance(eps_model, nn.Module):
+        found = None
+        for name in shipped_names(ASSETS):
+            wanted = read_config(ASSETS / name).get("info", {}).get("model_fingerprint")
+            if wanted is not None:
+                found = found or model_fingerprint(eps_model)
+                if wanted == found:
+                    statistics = SolverStatistics.from_pretrained(name)
+                    statistics.check(schedule)
+                    return statistics
+    raise ValueError(
+        "statistics=None: no statistics are shipped for this eps_model (only for the shipped "
+        f"models {shipped_names(ASSETS) or '(none)'}, as loaded with UNet.from_pretrained); pass "
+        "statistics=estimate_solver_statistics(eps_model, schedule, data) (or "
+        "SolverStatistics.data_prediction(schedule, image_shape), which is DPM-Solver++)"
+    )
