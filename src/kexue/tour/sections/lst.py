@@ -22,7 +22,7 @@ from kexue.experiments.lst import (
 )
 from kexue.lst import RunSpec
 from kexue.lst.measure import measure_in_subprocess
-from kexue.tour.report import Section, Table
+from kexue.tour.report import Claim, Section, Table
 from kexue.tour.runner import SectionContext
 
 TITLE = "Ladder Side-Tuning of a frozen transformer (kexue.lst)"
@@ -38,6 +38,52 @@ NUMBERS = {
     "median_step_ms": "median_step_ms",
     "build_seconds": "build_seconds",
 }
+
+
+# the LST paper's numbers (T5-base on GLUE): 69% less training memory than full fine-tuning,
+# about 1 point of accuracy below it
+PAPER_MEMORY_RATIO, PAPER_ACCURACY_GAP = 0.31, 1.0
+
+
+def section_claims(numbers: dict) -> list[Claim]:
+    """The section's claims, judged from its numbers (``run`` computes them): training memory
+    and time per step as a fraction of full fine-tuning's, accuracy against full fine-tuning
+    (the paper's thresholds above), and the share of parameters that trains."""
+    memory = numbers["memory ratio LST / full"]
+    step = numbers["step time ratio LST / full"]
+    full_acc, lst_acc = numbers["full fine-tuning accuracy"], numbers["LST accuracy"]
+    # points below full fine-tuning, judged as shown (0.1 point): accuracies are float32 ratios
+    gap = round(100 * (full_acc - lst_acc), 1)
+    share = numbers["LST trainable"] / numbers["full fine-tuning trainable"]
+
+    def graded(ok: bool, some: bool) -> str:
+        return "holds" if ok else ("partly" if some else "does not hold")
+
+    return [
+        Claim(
+            f"LST needs at most {PAPER_MEMORY_RATIO:.2f}x the training memory of full "
+            "fine-tuning (the paper: 69% less)",
+            graded(memory <= PAPER_MEMORY_RATIO, memory < 1),
+            f"{memory:.2f}x full fine-tuning's peak training memory",
+        ),
+        Claim(
+            "An LST training step costs at most half of a full fine-tuning step (the backbone "
+            "runs without autograd)",
+            graded(step <= 0.5, step < 1),
+            f"{step:.2f}x full fine-tuning's median time per step",
+        ),
+        Claim(
+            f"LST's accuracy is within {PAPER_ACCURACY_GAP:g} point of full fine-tuning's "
+            "(the paper: about 1 GLUE point below)",
+            graded(gap <= PAPER_ACCURACY_GAP, gap <= 3 * PAPER_ACCURACY_GAP),
+            f"{100 * lst_acc:.1f}% vs {100 * full_acc:.1f}% ({gap:+.1f} points below)",
+        ),
+        Claim(
+            "LST trains a small side network: the share of trained parameters",
+            "measured",
+            f"{100 * share:.2f}% of full fine-tuning's",
+        ),
+    ]
 
 
 def _figures(ctx: SectionContext, runs: dict[str, dict]):
@@ -182,6 +228,7 @@ def run(ctx: SectionContext) -> Section:
         numbers=numbers,
         tables=[table],
         figures=figures,
+        claims=section_claims(numbers),
         notes=[
             "Time per step counts forward, backward and the optimiser step. LST still runs the "
             "backbone forward every step (without autograd); with a fixed dataset the hidden "
