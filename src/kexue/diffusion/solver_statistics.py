@@ -253,12 +253,17 @@ class SolverSums:
         schedule: NoiseSchedule,
         *,
         ridge: float = 1e-3,
+        max_standard_error: float | None = None,
         num_images: int | None = None,
         info: dict[str, Any] | None = None,
     ) -> SolverStatistics:
         """``l, s, b`` on the grid from the sums (``docs/guides/few-step.md``, "Estimating the
         statistics"); ``ridge`` regularises ``s = Cov(f', f) / (Var f + ridge * mean Var f)``
-        where a pixel barely varies (an always-black border: ``Var f ~ 0``)."""
+        where a pixel barely varies (an always-black border: ``Var f ~ 0``).
+        ``max_standard_error``: at grid steps where the median (over pixels) Monte Carlo
+        standard error of ``s`` exceeds it, ``s = b = 0`` (DPM-Solver++'s parameterisation
+        there, with the estimated ``l``): too few pairs to resolve them, typically at high
+        noise (``"Noise in the statistics"``)."""
         ridge = check_real(ridge, "ridge", low=0.0)
         m = self._moments(schedule)
         view = (-1,) + (1,) * (self.sums.ndim - 2)
@@ -267,6 +272,17 @@ class SolverSums:
         s = torch.where(var + floor > 0, cov / (var + floor), torch.zeros_like(cov))
         b = m["e_fd"] - s * m["e_f"]
         l = m["l"]  # noqa: E741
+        if max_standard_error is not None:
+            limit = check_real(max_standard_error, "max_standard_error", low=0.0, low_open=True)
+            se = self.standard_errors(schedule)["s"].flatten(1).median(1).values
+            resolved = (se <= limit).to(s.dtype).view(view)
+            s, b = s * resolved, b * resolved
+            info = dict(info or {}) | {
+                "max_standard_error": limit,
+                "s_b_zeroed_at": [
+                    t for t, r in zip(self.steps, (se > limit).tolist(), strict=True) if r
+                ],
+            }
         n = int(self.counts.min()) if num_images is None else num_images
         return SolverStatistics(
             steps=torch.tensor(self.steps, dtype=torch.long),
@@ -602,6 +618,7 @@ def estimate_solver_statistics(
     grid: int | Sequence[int] = 40,
     method: str = "jvp",
     ridge: float = 1e-3,
+    max_standard_error: float | None = None,
     data_range: tuple[float, float] = (-1.0, 1.0),
     generator: torch.Generator | None = None,
     progress: bool = True,
@@ -627,6 +644,8 @@ def estimate_solver_statistics(
         method: ``"jvp"`` (Jacobian-vector products, as the paper) or ``"finite-difference"``
             (no autodiff; Stein's identity for ``l``): see :func:`accumulate_solver_sums`.
         ridge: regularises ``s`` where ``Var f`` is tiny (see :meth:`SolverSums.statistics`).
+        max_standard_error: set ``s = b = 0`` at grid steps whose ``s`` the pairs do not
+            resolve (see :meth:`SolverSums.statistics`); None keeps every estimate.
         data_range: ``(a, b)``, the pixel range the images must lie in.
         generator: draws the image subset and one seed; the noise of pair ``(image i, step t)``
             then comes from :func:`pair_generator` ``(seed, i, t)``.
@@ -675,7 +694,9 @@ def estimate_solver_statistics(
         "seconds": round(time.perf_counter() - started, 3),
         "model": type(eps_model).__name__,
     }
-    return sums.statistics(schedule, ridge=ridge, num_images=n, info=info)
+    return sums.statistics(
+        schedule, ridge=ridge, max_standard_error=max_standard_error, num_images=n, info=info
+    )
 
 
 # ---------------------------------------------------------------------- shipped statistics

@@ -33,6 +33,13 @@ from kexue.diffusion import (
     optimal_variance,
     sample,
 )
+from kexue.diffusion.solver_statistics import (
+    SolverStatistics,
+    SolverSums,
+    accumulate_solver_sums,
+    model_fingerprint,
+    statistics_grid,
+)
 from kexue.testing.diffusion import GaussianMixture
 
 SHIPPED = "mnist5k"
@@ -45,6 +52,64 @@ def shipped_model(device: torch.device | str | None = None) -> UNet:
     """The shipped MNIST-5k model (EMA weights, eval mode), with ``schedule`` and ``info``."""
     model = UNet.from_pretrained(SHIPPED)
     return model if device is None else model.to(device)
+
+
+# How the shipped statistics of the shipped model were estimated (docs/guides/few-step.md,
+# "Measured"): 128 training digits x 16 grid steps, finite differences, about 11 minutes of
+# one loaded CPU core; s and b kept where the pairs resolve them.
+SHIPPED_STATISTICS = {
+    "num_images": 128,
+    "grid": 16,
+    "seed": 1234,
+    "subset_seed": 0,
+    "method": "finite-difference",
+    "max_standard_error": 0.05,
+}
+
+
+def shipped_statistics_sums(
+    model: UNet, *, progress: bool = False, **overrides: Any
+) -> tuple[SolverSums, dict[str, Any]]:
+    """The sums behind the shipped :class:`SolverStatistics` of ``model`` (the settings of
+    :data:`SHIPPED_STATISTICS`, each overridable): training images ``randperm(seed
+    subset_seed)[:num_images]`` of mnist5k, every one at every grid step, the noise of pair
+    ``(image, step)`` keyed by ``seed``. Returns ``(sums, settings)``."""
+    from kexue.diffusion import load_images
+
+    settings = SHIPPED_STATISTICS | overrides
+    schedule = model.schedule
+    images = load_images(SHIPPED).train
+    grid = statistics_grid(schedule, settings["grid"])
+    gen = torch.Generator().manual_seed(settings["subset_seed"])
+    chosen = torch.randperm(len(images), generator=gen)[: settings["num_images"]].sort().values
+    pairs = torch.stack(
+        [chosen.repeat(len(grid)), torch.tensor(grid).repeat_interleave(len(chosen))], 1
+    )
+    sums = accumulate_solver_sums(
+        model, schedule, images, pairs, seed=settings["seed"], grid=grid,
+        method=settings["method"], progress=progress,
+    )  # fmt: skip
+    return sums, settings
+
+
+def shipped_statistics(
+    model: UNet, sums: SolverSums, settings: dict[str, Any], seconds: float | None = None
+) -> SolverStatistics:
+    """The statistics shipped for ``model`` from :func:`shipped_statistics_sums`, recording the
+    settings and the model's fingerprint (what ``sample(solver="dpm-solver-v3")`` matches)."""
+    info = {
+        "kind": f"{SHIPPED} model statistics",
+        **{k: v for k, v in settings.items() if k != "max_standard_error"},
+        "model": SHIPPED,
+        "model_fingerprint": model_fingerprint(model),
+        "recipe": "kexue.experiments.diffusion.shipped_statistics_sums",
+    }
+    if seconds is not None:
+        info["seconds"] = round(seconds, 1)
+    return sums.statistics(
+        model.schedule, max_standard_error=settings["max_standard_error"],
+        num_images=settings["num_images"], info=info,
+    )  # fmt: skip
 
 
 def quality_row(evaluator: DigitEvaluator, images: Tensor) -> list[float]:
