@@ -30,12 +30,13 @@ from torch.autograd.function import once_differentiable
 from kexue.distributions.noise import NoiseFamily
 from kexue.ops import exp_flush_
 
-__all__ = ["MAXIMUM_RULES", "maximum_log_mass", "maximum_nodes", "maximum_window"]
+__all__ = ["MAXIMUM_RULES", "default_nodes", "maximum_log_mass", "maximum_nodes", "maximum_window"]
 
 MAXIMUM_RULES = ("trapezoid", "split-gauss-legendre")
 # (log delta_lo, delta_hi): log P at the window's lower end, the tail mass above its upper end.
 _WINDOW = {torch.float64: (-45.0, 1e-11), torch.float32: (-36.0, 1e-8)}
 _GL_ORDER = 4  # nodes per cell of the split Gauss–Legendre rule
+_KNOWN = 65  # the largest scores that the window's bounds use (powers of two up to 64)
 _KINKS = 24  # at most this many of the largest scores split cells (P(mu_(k)) <= 2^{1-k})
 _KINK_LOG_P = -32.0  # a kink where log P is below this moves the integral by < 1e-14
 # Elements of the (rows, M, n) blocks evaluated at once: on CPUs the block stays in L2 cache.
@@ -43,9 +44,12 @@ BLOCK_ELEMENTS = 1 << 18
 BLOCK_ELEMENTS_ACCELERATOR = 1 << 25
 
 
-def _levels(n: int) -> list[int]:
-    """The class counts ``k`` of the window bounds: powers of two up to ``n``, and ``n``."""
-    return sorted({1 << i for i in range(n.bit_length()) if 1 << i <= n} | {n})
+def _levels(n: int, known: int) -> tuple[list[int], list[int]]:
+    """Class counts ``k`` of the window bounds with the ``known`` largest scores at hand:
+    lower end, powers of two up to ``known`` and ``n`` (the smallest score); upper end, powers
+    of two ``k < n`` with ``s_{k+1}`` known."""
+    powers = [1 << i for i in range(n.bit_length()) if 1 << i <= min(n, known)]
+    return sorted({*powers, n}), [k for k in powers if k < min(n, known)]
 
 
 def _quantiles(family: NoiseFamily, lower: np.ndarray, upper: np.ndarray) -> tuple[Tensor, ...]:
@@ -57,46 +61,55 @@ def _quantiles(family: NoiseFamily, lower: np.ndarray, upper: np.ndarray) -> tup
     return q_low, family.isf(up)
 
 
-def maximum_window(sorted_mu: Tensor, family: NoiseFamily) -> tuple[Tensor, Tensor]:
-    """``(y_lo, y_hi)`` per row for scores sorted in decreasing order, ``(rows, n)``.
+def maximum_window(
+    top: Tensor, family: NoiseFamily, n: int | None = None, bottom: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(y_lo, y_hi)`` per row from the largest scores in decreasing order ``top`` ``(rows,
+    k)`` of ``n`` classes (default ``k``) whose smallest score is ``bottom`` ``(rows, 1)``
+    (default ``top[..., -1:]``).
 
     Lower end: ``P(y) <= Phi(y - s_k)^k`` for the ``k``-th largest score ``s_k``, so
     ``y_lo = max_k (s_k + Phi^{-1}(delta_lo^{1/k}))`` has ``P(y_lo) <= delta_lo``. Upper end:
     ``1 - P(y) <= sum_j (1 - Phi(y - mu_j)) <= k (1 - Phi(y - s_1)) + (n - k) (1 - Phi(y -
     s_{k+1}))``, so the least of these bounds over ``k`` reaching ``delta_hi`` is ``y_hi``.
-    Differentiable in the scores (a max and a min of shifted scores).
+    Any set of ``k`` gives valid bounds (more of them, a tighter window): powers of two among
+    the known scores, and ``n``. Differentiable in the scores (a max and a min of shifted
+    scores).
     """
-    n = sorted_mu.shape[-1]
-    log_lo, hi = _WINDOW.get(sorted_mu.dtype, _WINDOW[torch.float32])
-    ks = _levels(n)
-    idx = torch.tensor([k - 1 for k in ks], device=sorted_mu.device)
-    q_lo, q_hi = _window_quantiles(family, n, log_lo, hi)
-    q_lo, q_hi = q_lo.to(sorted_mu), q_hi.to(sorted_mu)
-    y_lo = (sorted_mu.index_select(-1, idx) + q_lo).amax(-1)
-    top = sorted_mu[..., :1]
-    split = [k for k in ks if k < n]
-    y_hi = top[..., 0] + q_hi[-1]  # k = n: n (1 - Phi(y - s_1)) <= delta_hi
+    known = top.shape[-1]
+    n = known if n is None else n
+    bottom = top[..., -1:] if bottom is None else bottom
+    log_lo, hi = _WINDOW.get(top.dtype, _WINDOW[torch.float32])
+    lower, split = _levels(n, known)
+    q_lo, q_hi = _window_quantiles(family, n, known, log_lo, hi)
+    q_lo, q_hi = q_lo.to(top), q_hi.to(top)
+    idx = [k - 1 for k in lower if k < n and k <= known]
+    idx = torch.tensor(idx, dtype=torch.long, device=top.device)
+    at_levels = torch.cat([top.index_select(-1, idx), bottom], -1)
+    y_lo = (at_levels + q_lo).amax(-1)
+    first = top[..., :1]
+    y_hi = first[..., 0] + q_hi[-1]  # k = n: n (1 - Phi(y - s_1)) <= delta_hi
     if split:
-        rest = sorted_mu.index_select(-1, torch.tensor(split, device=sorted_mu.device))
-        bound = torch.maximum(top + q_hi[: len(split)], rest + q_hi[len(split) : -1])
+        rest = top.index_select(-1, torch.tensor(split, device=top.device))
+        bound = torch.maximum(first + q_hi[: len(split)], rest + q_hi[len(split) : -1])
         y_hi = torch.minimum(y_hi, bound.amin(-1))
     return y_lo, torch.maximum(y_hi, y_lo + 1e-3)
 
 
 @lru_cache(maxsize=256)
-def _window_quantiles_cached(family: NoiseFamily, n: int, log_lo: float, hi: float):
-    ks = np.array(_levels(n), dtype=np.float64)
-    lower = np.exp(log_lo / ks)
-    split = ks[ks < n]
+def _window_quantiles_cached(family: NoiseFamily, n: int, known: int, log_lo: float, hi: float):
+    lower_ks, split_ks = _levels(n, known)
+    lower = np.exp(log_lo / np.array(lower_ks, dtype=np.float64))
+    split = np.array(split_ks, dtype=np.float64)
     upper = np.concatenate([hi / (2 * split), hi / (2 * (n - split)), [hi / n]])
     return _quantiles(family, lower, upper)
 
 
-def _window_quantiles(family: NoiseFamily, n: int, log_lo: float, hi: float):
+def _window_quantiles(family: NoiseFamily, n: int, known: int, log_lo: float, hi: float):
     try:
-        return _window_quantiles_cached(family, n, log_lo, hi)
+        return _window_quantiles_cached(family, n, known, log_lo, hi)
     except TypeError:  # an unhashable family
-        return _window_quantiles_cached.__wrapped__(family, n, log_lo, hi)
+        return _window_quantiles_cached.__wrapped__(family, n, known, log_lo, hi)
 
 
 @lru_cache(maxsize=64)
@@ -105,30 +118,34 @@ def _gauss_legendre(order: int) -> tuple[np.ndarray, np.ndarray]:
     return (1.0 + x) / 2.0, w / 2.0
 
 
-def _kinks(sorted_mu: Tensor, y_lo: Tensor, y_hi: Tensor, family: NoiseFamily) -> Tensor:
-    """The largest scores where the density's kink matters (``log P(s_k) > -32``), else
-    ``y_lo`` (an empty cell): ``(rows, min(n, 24))``."""
-    top = sorted_mu[..., :_KINKS]
+def _kinks(mu: Tensor, top: Tensor, y_lo: Tensor, y_hi: Tensor, family: NoiseFamily) -> Tensor:
+    """The largest scores (of ``top``, in decreasing order) where the density's kink matters
+    (``log P(s_k) > -32``), else ``y_lo`` (an empty cell): ``(rows, min(n, 24))``."""
+    top = top[..., :_KINKS]
     with torch.no_grad():
-        args = top[..., :, None] - sorted_mu[..., None, :]
+        args = top[..., :, None] - mu[..., None, :]
         log_p = family.kernel_log_cdf_(args).sum(-1)
         keep = (log_p > _KINK_LOG_P) & (top > y_lo[..., None]) & (top < y_hi[..., None])
     return torch.where(keep, top, y_lo[..., None])
 
 
 def maximum_nodes(
-    sorted_mu: Tensor, family: NoiseFamily, num_nodes: int, rule: str
+    mu: Tensor, family: NoiseFamily, num_nodes: int, rule: str
 ) -> tuple[Tensor, Tensor]:
-    """Nodes ``y`` and log-weights ``log w`` per row, ``(rows, M)``, on the window.
+    """Nodes ``y`` and log-weights ``log w`` per row of scores ``mu`` ``(rows, n)``,
+    ``(rows, M)``, on the window of :func:`maximum_window` (from the 65 largest scores and the
+    smallest: a full sort costs more than the rest of the forward pass at n = 1,000).
 
     ``"trapezoid"``: ``num_nodes`` equally spaced nodes (the integrand and its derivatives
     vanish at both ends, so the error falls exponentially for smooth densities).
     ``"split-gauss-legendre"``: ``ceil(num_nodes / 4)`` equal cells, split further at the
     largest scores where the density has a kink (Laplace), 4 Gauss–Legendre nodes per cell.
     """
-    y_lo, y_hi = maximum_window(sorted_mu, family)
+    n = mu.shape[-1]
+    top = mu.topk(min(n, _KNOWN), -1).values
+    y_lo, y_hi = maximum_window(top, family, n, mu.amin(-1, keepdim=True))
     width = y_hi - y_lo
-    dtype, device = sorted_mu.dtype, sorted_mu.device
+    dtype, device = mu.dtype, mu.device
     if rule == "trapezoid":
         t = torch.linspace(0.0, 1.0, num_nodes, dtype=torch.float64)
         w = torch.full((num_nodes,), 1.0 / (num_nodes - 1), dtype=torch.float64)
@@ -139,7 +156,7 @@ def maximum_nodes(
     grid = torch.linspace(0.0, 1.0, cells + 1, dtype=dtype, device=device)
     edges = [y_lo[..., None] + width[..., None] * grid]
     if family.grid_kinks:
-        edges.append(_kinks(sorted_mu, y_lo, y_hi, family))
+        edges.append(_kinks(mu, top, y_lo, y_hi, family))
     edges = torch.cat(edges, -1).sort(-1).values
     lo, size = edges[..., :-1, None], (edges[..., 1:] - edges[..., :-1])[..., None]
     t, w = (torch.from_numpy(a).to(dtype=dtype, device=device) for a in _gauss_legendre(_GL_ORDER))
@@ -154,12 +171,19 @@ def _block_rows(rows: int, m: int, n: int, device: torch.device) -> int:
     return max(1, min(rows, budget // max(1, m * n)))
 
 
+def default_nodes(family: NoiseFamily, dtype: torch.dtype) -> int:
+    """The family's default number of nodes for ``dtype`` (``family.grid_nodes``)."""
+    wide, single = family.grid_nodes
+    return wide if dtype == torch.float64 else single
+
+
 class _MaximumLogMass(torch.autograd.Function):
     """``log m_i`` for rows of centred scores ``mu`` ``(B, n)`` on nodes ``y`` ``(B, M)``.
 
-    Saves the node posteriors ``pi_ki = w_k P(y_k) h(y_k - mu_i) / m_i`` and the log-integrands
-    (``O(M n)`` per row). With ``G`` the incoming gradient, ``c_k = sum_i G_i pi_ki``,
-    ``h_kl = h(y_k - mu_l)`` and ``d_kl = (log h)'(y_k - mu_l)``:
+    Saves the node posteriors ``pi_ki = w_k P(y_k) h(y_k - mu_i) / m_i`` and ``log h(y_k -
+    mu_i)`` (``O(M n)`` per row), each computed in place in its saved buffer (no copies).
+    With ``G`` the incoming gradient, ``c_k = sum_i G_i pi_ki``, ``h_kl = h(y_k - mu_l)`` and
+    ``d_kl = (log h)'(y_k - mu_l)``:
 
         dL/dmu_l = -sum_k c_k h_kl - G_l sum_k pi_kl d_kl,
         dL/dy_k = sum_i G_i pi_ki d_ki + c_k sum_j h_kj,     dL/dlog w_k = c_k.
@@ -171,24 +195,25 @@ class _MaximumLogMass(torch.autograd.Function):
         m = y.shape[-1]
         out = mu.new_empty(rows, n)
         keep = any(ctx.needs_input_grad[:3])
-        post = mu.new_empty(rows, m, n) if keep else None
-        log_h = mu.new_empty(rows, m, n) if keep else None
         step = _block_rows(rows, m, n, mu.device)
+        post = mu.new_empty(rows if keep else step, m, n)
+        log_h = mu.new_empty(rows if keep else step, m, n)
+        scratch = mu.new_empty(step, m, n)
         for r0 in range(0, rows, step):
             r = slice(r0, min(rows, r0 + step))
-            x = y[r, :, None] - mu[r, None, :]  # (b, M, n)
-            log_cdf = family.kernel_log_cdf_(x.clone())
-            g = family.kernel_log_hazard_(x, log_cdf)  # log h
-            if keep:
-                log_h[r] = g
-            g.add_(log_cdf.sum(-1, keepdim=True).add_(log_w[r, :, None]))  # + log w P(y_k)
+            b = r.stop - r.start
+            x = torch.sub(y[r, :, None], mu[r, None, :], out=log_h[r] if keep else log_h[:b])
+            log_cdf = family.kernel_log_cdf_(scratch[:b].copy_(x))
+            g = family.kernel_log_hazard_(x, log_cdf)  # log h, in place
+            log_pw = log_cdf.sum(-1, keepdim=True).add_(log_w[r, :, None])  # log w_k P(y_k)
+            g = torch.add(g, log_pw, out=post[r] if keep else post[:b])
             top = g.amax(1, keepdim=True)
             top.masked_fill_(~torch.isfinite(top), 0.0)
             e = exp_flush_(g.sub_(top))
             total = e.sum(1, keepdim=True)
             out[r] = (total.log() + top).squeeze(1)
             if keep:
-                post[r] = e.div_(total.where(total > 0, 1.0))
+                e.div_(total.where(total > 0, 1.0))
         ctx.family = family
         if keep:
             ctx.save_for_backward(mu, y, post, log_h)
@@ -202,24 +227,31 @@ class _MaximumLogMass(torch.autograd.Function):
         m = y.shape[-1]
         g_mu, g_y, g_w = torch.empty_like(mu), torch.empty_like(y), torch.empty_like(y)
         step = _block_rows(rows, m, n, mu.device)
+        h_buf, d_buf = mu.new_empty(step, m, n), mu.new_empty(step, m, n)
         for r0 in range(0, rows, step):
             r = slice(r0, min(rows, r0 + step))
-            pi, gr = post[r], grad[r]
-            c = torch.bmm(pi, gr[..., None])  # (b, M, 1)
-            h = log_h[r].exp()  # h(y_k - mu_l)
-            hazard_sum = h.sum(-1)
-            d = ctx.family.kernel_dlog_hazard_(y[r, :, None] - mu[r, None, :], h)
-            pd = d.mul_(pi)  # pi_kl d_kl
-            g_mu[r] = torch.bmm(c.transpose(1, 2), h).squeeze(1).neg_()
-            g_mu[r] -= pd.sum(1) * gr
-            g_y[r] = torch.bmm(pd, gr[..., None]).squeeze(-1) + c.squeeze(-1) * hazard_sum
+            b = r.stop - r.start
+            pi, gr = post[r], grad[r, :, None]
+            c = torch.bmm(pi, gr)  # (b, M, 1)
+            h = torch.exp(log_h[r], out=h_buf[:b])  # h(y_k - mu_l)
+            x = torch.sub(y[r, :, None], mu[r, None, :], out=d_buf[:b])
+            pd = ctx.family.kernel_dlog_hazard_(x, h).mul_(pi)  # pi_kl d_kl
+            # sum_k c_k h_kl as (n, M) @ (M, 1): the gemv layout CPUs run fast
+            torch.bmm(h.transpose(1, 2), c, out=g_mu[r, :, None]).neg_()
+            g_mu[r] -= pd.sum(1) * grad[r]
+            torch.bmm(pd, gr, out=g_y[r, :, None])
+            g_y[r] += c.squeeze(-1) * h.sum(-1)
             g_w[r] = c.squeeze(-1)
         return g_mu, g_y, g_w, None
 
 
-def maximum_log_mass(centred: Tensor, family: NoiseFamily, num_nodes: int, rule: str) -> Tensor:
+def maximum_log_mass(
+    centred: Tensor, family: NoiseFamily, num_nodes: int | None, rule: str
+) -> Tensor:
     """``log m_i`` (unnormalised ``log p_i``) of rows of scores ``(B, n)`` by the form over the
-    maximum; differentiable in the scores, the nodes included (they move with the scores)."""
-    sorted_mu = centred.sort(-1, descending=True).values
-    y, log_w = maximum_nodes(sorted_mu, family, num_nodes, rule)
+    maximum with ``num_nodes`` nodes (``None``: :func:`default_nodes`); differentiable in the
+    scores, the nodes included (they move with the scores)."""
+    y, log_w = maximum_nodes(
+        centred, family, num_nodes or default_nodes(family, centred.dtype), rule
+    )
     return _MaximumLogMass.apply(centred, y, log_w, family)
