@@ -10,16 +10,20 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-try:  # typer >= 0.22 vendors its own click
+if TYPE_CHECKING:  # the installed typer (>= 0.22) vendors its own click
     from typer._click import Command, Context
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
-except ImportError:  # pragma: no cover - older typer on top of click
-    from click import Command, Context
-    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+else:
+    try:  # typer >= 0.22 vendors its own click
+        from typer._click import Command, Context
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    except ImportError:  # pragma: no cover - older typer on top of click
+        from click import Command, Context
+        from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 from typer.core import TyperCommand, TyperGroup
 
 from kexue import __version__
