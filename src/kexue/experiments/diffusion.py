@@ -296,3 +296,64 @@ def log_interpolated_crossing(points: Sequence[tuple[int, float]], target: float
             frac = (math.log(v0) - math.log(target)) / (math.log(v0) - math.log(v1))
             return math.exp(math.log(k0) + frac * (math.log(k1) - math.log(k0)))
     return None
+
+
+# ---------------------------------------------------------------------- few-step samplers
+KEXUE_FEW_STEP = ("DDPM even", "DDPM trailing", "DDIM even", "DDIM quadratic", "DDIM trailing",
+                  "DPM-Solver-v3")  # fmt: skip
+PEER_FEW_STEP = ("DPM-Solver++ 2M", "DPM-Solver++ 3M", "DPM-Solver++ 2M SDE", "UniPC")
+DETERMINISTIC = ("DDIM even", "DDIM trailing", "DPM-Solver-v3", "DPM-Solver++ 2M",
+                 "DPM-Solver++ 3M", "UniPC")  # fmt: skip
+
+
+def peer_scheduler(name: str) -> Any:
+    """A fresh diffusers scheduler for a peer row, configured as diffusers recommends for few
+    steps ("trailing" timesteps); ``sample`` replaces its noise schedule by the model's."""
+    import diffusers
+
+    if name == "diffusers DDIM trailing":
+        return diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=True,
+                                       timestep_spacing="trailing")  # fmt: skip
+    if name in ("DPM-Solver++ 2M", "DPM-Solver++ 3M"):
+        return diffusers.DPMSolverMultistepScheduler(
+            solver_order=int(name[-2]), algorithm_type="dpmsolver++", timestep_spacing="trailing"
+        )
+    if name == "DPM-Solver++ 2M SDE":
+        return diffusers.DPMSolverMultistepScheduler(
+            solver_order=2, algorithm_type="sde-dpmsolver++", timestep_spacing="trailing"
+        )
+    if name == "UniPC":
+        return diffusers.UniPCMultistepScheduler(solver_order=3, timestep_spacing="trailing")
+    raise ValueError(f"unknown peer sampler {name!r}")
+
+
+def few_step_kwargs(name: str, statistics: SolverStatistics | None = None) -> dict[str, Any]:
+    """The ``sample`` arguments of a few-step row (kexue's or a peer's)."""
+    if name.startswith(("DDPM ", "DDIM ")):  # "DDPM even", "DDIM trailing", ...
+        return {"eta": 1.0 if name.startswith("DDPM") else 0.0, "spacing": name.split()[1]}
+    if name == "DPM-Solver-v3":
+        return {"solver": "dpm-solver-v3", "statistics": statistics}
+    return {"solver": peer_scheduler(name)}
+
+
+def few_step_images(
+    model: torch.nn.Module,
+    name: str,
+    K: int,
+    x_T: Tensor,
+    seed: int,
+    statistics: SolverStatistics | None = None,
+    batch: int = 250,
+) -> Tensor:
+    """Images of the row ``name`` at ``K`` model calls from the initial noise ``x_T`` (CPU),
+    in batches; the per-step noise of stochastic rows comes from a generator seeded ``seed``
+    (on the model's device)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    out = []
+    for start in range(0, len(x_T), batch):
+        chunk = x_T[start : start + batch].to(device)
+        images = sample(model, model.schedule, chunk.shape, steps=K, x_T=chunk, generator=gen,
+                        progress=False, **few_step_kwargs(name, statistics))  # fmt: skip
+        out.append(images.cpu())
+    return torch.cat(out)
