@@ -19,6 +19,10 @@ def test_single_process_is_the_identity() -> None:
     assert list(distributed.shard(range(5))) == [0, 1, 2, 3, 4]
     assert distributed.all_reduce_sum(x) is x
     assert distributed.all_gather_cat(x) is x
+    assert torch.equal(distributed.assemble(x[:2], [3, 1], 4), torch.tensor([0.0, 1, 0, 0]))
+    gen = torch.Generator().manual_seed(4)
+    want = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(4)))
+    assert distributed.shared_seed(gen) == want
 
 
 def test_keyed_generator_depends_on_keys_only() -> None:
@@ -50,7 +54,9 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             part += torch.randn(3, generator=distributed.keyed_generator(5, i), dtype=torch.float64)
         total = distributed.all_reduce_sum(part)
         gathered = distributed.all_gather_cat(torch.tensor([rank, 10 * rank]))
-        result = (items.tolist(), total, gathered, distributed.is_main_process())
+        rows = distributed.assemble(items.double()[:, None] * 2, items, 10)
+        seed = distributed.shared_seed(torch.Generator().manual_seed(100 + rank))
+        result = (items.tolist(), total, gathered, distributed.is_main_process(), rows, seed)
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
         distributed.barrier()
     finally:
@@ -66,7 +72,13 @@ def test_two_processes_agree_with_one(tmp_path) -> None:
         torch.randn(3, generator=distributed.keyed_generator(5, i), dtype=torch.float64)
         for i in range(10)
     )
-    (items0, total0, gathered0, main0), (items1, total1, gathered1, main1) = results
+    (items0, total0, gathered0, main0, rows0, seed0) = results[0]
+    (items1, total1, gathered1, main1, rows1, seed1) = results[1]
+    # every item's row in place on every rank; the seed of rank 0's generator everywhere
+    assert torch.equal(rows0, torch.arange(10.0, dtype=torch.float64)[:, None] * 2)
+    assert torch.equal(rows0, rows1)
+    expected = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(100)))
+    assert seed0 == seed1 == expected
     assert (items0, items1) == ([0, 2, 4, 6, 8], [1, 3, 5, 7, 9])
     torch.testing.assert_close(total0, single, rtol=0, atol=1e-12)
     assert torch.equal(total0, total1)

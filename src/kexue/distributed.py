@@ -20,6 +20,7 @@ from torch import Tensor
 __all__ = [
     "all_gather_cat",
     "all_reduce_sum",
+    "assemble",
     "barrier",
     "derive_seed",
     "is_distributed",
@@ -27,6 +28,7 @@ __all__ = [
     "keyed_generator",
     "rank",
     "shard",
+    "shared_seed",
     "world_size",
 ]
 
@@ -101,3 +103,22 @@ def barrier() -> None:
     """Wait for every process (no-op without a group)."""
     if is_distributed():
         dist.barrier()
+
+
+def shared_seed(generator: torch.Generator | None = None) -> int:
+    """A 62-bit seed drawn from ``generator`` (the global generator when None) on rank 0 and
+    sent to every process: the root of the keyed draws of one distributed computation."""
+    seed = torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64)
+    if is_distributed():
+        work = seed if rank() == 0 else torch.zeros_like(seed)
+        seed = all_reduce_sum(work)  # one non-zero term: exact
+    return int(seed.item())
+
+
+def assemble(values: Tensor, index: Sequence[int] | Tensor, total: int) -> Tensor:
+    """Rows ``values[j]`` computed here for items ``index[j]``, combined with the other
+    processes' into one tensor of ``total`` rows (each item computed by exactly one process,
+    the others contribute zeros: the sum is exact). Without a group: the rows in place."""
+    out = torch.zeros((total, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    out[torch.as_tensor(index, dtype=torch.long, device=values.device)] = values
+    return all_reduce_sum(out)

@@ -13,6 +13,7 @@ from scipy.stats import norm
 
 from kexue.diffusion import NoiseSchedule, UNet
 from kexue.diffusion.likelihood import discretized_gaussian_log_likelihood, nll_bpd
+from kexue.distributed import keyed_generator
 from kexue.exceptions import NonFiniteError
 from kexue.testing.diffusion import gaussian_eps as linear_eps
 
@@ -109,21 +110,26 @@ def test_nll_matches_the_closed_form_expectation(steps, eta, kind):
 
 
 def test_same_draws_give_the_same_terms_as_a_direct_float64_computation():
-    """With the noise drawn in nll_bpd's documented order (per batch, one eps per image and
-    jump, from the top step down), every term written out from the guide must agree to 1e-10."""
+    """With the noise drawn as nll_bpd documents it (one seed from the generator, then image
+    j's eps at step t from keyed_generator(seed, j, t)), every term written out from the guide
+    must agree to 1e-10."""
     kept, eta = [1, 4, 9, 17, 25], 0.8
     variances = [2.0 * v for v in ddpm_variances(kept, "large")]
     eps_model = linear_eps(S, WRONG_STD)
     data = IMAGES.repeat_interleave(3, 0)
     got = nll_bpd(eps_model, S, data, steps=kept, eta=eta, variance=torch.tensor(variances),
                   generator=torch.Generator().manual_seed(7), progress=False)  # fmt: skip
-    gen = torch.Generator().manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(7)))
     abar, bbar = S.abar.numpy(), S.bbar.numpy()
     x0 = data.flatten(1).numpy()
     nats = 0.5 * np.sum(abar[25] ** 2 * x0**2 + bbar[25] ** 2 - 1 - np.log(bbar[25] ** 2), 1)
     for i in range(len(kept) - 1, -1, -1):
         t = kept[i]
-        eps = torch.randn(data.shape, generator=gen, dtype=torch.float64).flatten(1).numpy()
+        eps = np.stack([
+            torch.randn(data.shape[1:], generator=keyed_generator(seed, j, t),
+                        dtype=torch.float64).flatten().numpy()
+            for j in range(len(data))
+        ])  # fmt: skip
         x_t = abar[t] * x0 + bbar[t] * eps
         eps_theta = bbar[t] * x_t / (abar[t] ** 2 * WRONG_STD**2 + bbar[t] ** 2)
         x0_hat = (x_t - bbar[t] * eps_theta) / abar[t]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kexue.diffusion.unet import load_state_dict_strict
+from kexue.distributed import assemble, shard
 from kexue.exceptions import CheckpointError
 from kexue.pretrained import PretrainedMixin
 from kexue.progress import progress_bar
@@ -137,15 +138,21 @@ def classifier_accuracy(model: DigitClassifier, images: Tensor, labels: Tensor) 
 def classify(
     model: DigitClassifier, images: Tensor, batch_size: int = 500
 ) -> tuple[Tensor, Tensor]:
-    """Features (N, 128) and probabilities (N, 10) of images (N, 1, 28, 28) in [-1, 1]."""
+    """Features (N, 128) and probabilities (N, 10) of images (N, 1, 28, 28) in [-1, 1].
+
+    Under ``accelerate launch`` (an initialised ``torch.distributed`` group) the images are
+    split over the processes and every process gets all N rows back (exact copies)."""
     if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28):
         raise ValueError(f"images must have shape (N, 1, 28, 28), got {tuple(images.shape)}")
-    feats, probs = [], []
-    for chunk in images.float().split(batch_size):
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    mine = shard(torch.arange(len(images)))
+    feats, probs = [torch.zeros(0, 128)], [torch.zeros(0, 10)]
+    for chunk in images[mine.to(images.device)].float().split(batch_size):
         f = model.features(chunk.clamp(-1, 1))
-        feats.append(f)
-        probs.append(torch.softmax(model.out(f), -1))
-    return torch.cat(feats), torch.cat(probs)
+        feats.append(f.cpu())
+        probs.append(torch.softmax(model.out(f), -1).cpu())
+    n = len(images)
+    return assemble(torch.cat(feats), mine, n), assemble(torch.cat(probs), mine, n)
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kexue.diffusion.moments import check_data_range, check_images, model_placement
+from kexue.diffusion.moments import check_data_range, check_images, model_placement, pair_noise
 from kexue.diffusion.sampler import check_step_variance, resolve_steps
 from kexue.diffusion.schedule import NoiseSchedule, check_schedule
 from kexue.diffusion.variance import fixed_variance, jump_coefficients
+from kexue.distributed import all_reduce_sum, shard, shared_seed
 from kexue.progress import progress_bar
 from kexue.validation import (
     check_callable,
@@ -178,13 +179,21 @@ def nll_bpd(
         batch_size: images per model call.
         bins: pixel levels (>= 2; 256 for 8-bit data), spread evenly over ``data_range``.
         data_range: ``(a, b)``, the finite range the images are scaled to.
-        generator: source of the ``x_t`` draws: per batch of images, one float64
-            ``eps ~ N(0, I)`` of the batch's shape per jump, from the top kept step down.
+        generator: draws one seed (on the main process, sent to the others); the float64
+            noise ``eps`` of image ``j`` at step ``t`` comes from
+            :func:`~kexue.distributed.keyed_generator` ``(seed, j, t)``
+            (:func:`~kexue.diffusion.moments.pair_noise`), whatever the batch or process.
         progress: show a progress bar.
         device: where to run the model (default: its parameters' device).
 
+    Many processes: under ``accelerate launch`` (any initialised ``torch.distributed`` group)
+    the images are split over the processes; every process returns the same result as one
+    process would (the per-image terms are exact copies, their means agree to float64
+    rounding).
+
     Returns:
-        :class:`NLLResult` (or a dict of them). Cost: ``N * K`` model evaluations.
+        :class:`NLLResult` (or a dict of them). Cost: ``N * K`` model evaluations, shared by
+        the processes.
 
     Raises:
         NonFiniteError: the model returned NaN or inf (the message names the step).
@@ -220,15 +229,17 @@ def nll_bpd(
     a_top, b_top = abar[kept[-1]], bbar[kept[-1]]
     prior = 0.5 * (a_top**2 * x0_all**2 + b_top**2 - 1 - torch.log(b_top**2))
     prior = prior.flatten(1).sum(1)
+    seed = shared_seed(generator)
+    mine = shard(torch.arange(n))  # images split over processes
     with progress_bar(disable=not progress) as bar:
-        task = bar.add_task(f"NLL ({n} images, {K} steps)", total=n * K)
-        for start in range(0, n, batch_size):
-            x0 = x0_all[start : start + batch_size]
-            rows = slice(start, start + len(x0))
+        task = bar.add_task(f"NLL ({n} images, {K} steps)", total=len(mine) * K)
+        for start in range(0, len(mine), batch_size):
+            rows = mine[start : start + batch_size]
+            x0 = x0_all[rows]
             for i in range(K - 1, -1, -1):
                 t = kept[i]
                 s = kept[i - 1] if i > 0 else 0
-                eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+                eps = pair_noise(seed, rows, torch.full_like(rows, t), shape)
                 x_t = schedule.add_noise(x0, eps, t)
                 t_batch = torch.full((len(x0),), t, dtype=torch.long, device=device)
                 x_in = x_t.to(device=device, dtype=model_dtype)
@@ -256,6 +267,8 @@ def nll_bpd(
                         term = -logp.expand(x0.shape).flatten(1).sum(1)
                     per_step[name][i, rows] = term
                 bar.advance(task, len(x0))
+    # each image was scored by one process: the float64 sum over processes assembles them
+    per_step = {name: all_reduce_sum(terms) for name, terms in per_step.items()}
     scale = 1.0 / (d * math.log(2))
     results = {}
     for name, terms in per_step.items():

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from kexue.diffusion.sampler import model_parameter
 from kexue.diffusion.schedule import NoiseSchedule, check_schedule
+from kexue.distributed import all_reduce_sum, keyed_generator, shard, shared_seed
 from kexue.exceptions import CheckpointError
 from kexue.pretrained import PretrainedMixin
 from kexue.progress import progress_bar
@@ -330,6 +331,16 @@ def check_in_range(x: Tensor, data_range: tuple[float, float], name: str = "data
         )
 
 
+def pair_noise(seed: int, images: Tensor, steps: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Float64 ``N(0, I)`` noise of shape ``(len(images), *shape)``: row ``j`` drawn from
+    :func:`~kexue.distributed.keyed_generator` ``(seed, images[j], steps[j])``, so the noise of
+    an (image, step) pair does not depend on the batch or the process that draws it."""
+    return torch.stack([
+        torch.randn(shape, generator=keyed_generator(seed, int(i), int(t)), dtype=torch.float64)
+        for i, t in zip(images.tolist(), steps.tolist(), strict=True)
+    ])  # fmt: skip
+
+
 def _steps_label(t: Tensor) -> str | int:
     lo, hi = int(t.min()), int(t.max())
     return lo if lo == hi else f"{lo}..{hi}"
@@ -366,7 +377,8 @@ def estimate_moments(
         batch_size: model inputs per call (pairs of image and step are packed together).
         timesteps: estimate only these steps, an increasing list in ``1..T`` (default: all of
             ``1..T``; the others are NaN).
-        generator: source of the subset and of the noise.
+        generator: draws one seed (on the main process, sent to the others); the subset and
+            the noise of each (image, step) pair derive from it (:func:`pair_noise`).
         data_range: ``(a, b)``, the pixel range; gives the bound ``((b - a)/2)^2``. Use
             ``(-inf, inf)`` for unbounded data (no such bound).
         keep_per_image: also keep per-image values (``(T, N)`` each) for
@@ -374,10 +386,15 @@ def estimate_moments(
         progress: show a progress bar.
         device: where to run the model (default: its parameters' device).
 
+    Many processes: under ``accelerate launch`` (any initialised ``torch.distributed`` group)
+    the (image, step) pairs are split over the processes and the float64 sums reduced; every
+    process returns the same moments as one process would, to float64 rounding.
+
     Raises:
         NonFiniteError: the model returned NaN or inf (the message names the steps).
 
-    Cost: ``num_images * len(timesteps)`` model evaluations (forward only).
+    Cost: ``num_images * len(timesteps)`` model evaluations (forward only), shared by the
+    processes.
     """
     check_callable(eps_model, "eps_model", "eps_model(x_t, t)")
     check_schedule(schedule, eps_model)
@@ -398,7 +415,9 @@ def estimate_moments(
         kept = schedule.check_steps(_as_list(timesteps, "timesteps"))
     n_all = len(images)
     n = n_all if num_images is None else min(num_images, n_all)
-    subset = torch.randperm(n_all, generator=generator)[:n] if n < n_all else torch.arange(n)
+    seed = shared_seed(generator)  # the same on every process, also for generator=None
+    chooser = torch.Generator().manual_seed(seed)
+    subset = torch.randperm(n_all, generator=chooser)[:n] if n < n_all else torch.arange(n)
     device, model_dtype = model_placement(eps_model, images.dtype, device)
     x0_all = images.double()
     m = x0_all.mean(0)  # the constant m of the moment form: the per-dimension data mean
@@ -411,17 +430,20 @@ def estimate_moments(
     diag = {k: torch.zeros((T, *shape), dtype=torch.float64) for k in
             ("eps2", "moment_diag", "err_diag")}  # fmt: skip
     per_image = (
-        {k: torch.full((T, n), math.nan, dtype=torch.float64) for k in FORMS}
-        if keep_per_image else None
-    )  # fmt: skip
+        {k: torch.zeros((T, n), dtype=torch.float64) for k in FORMS} if keep_per_image else None
+    )
+    # (image, step) pairs, split over processes; each pair's noise is keyed by the seed, the
+    # image's index in the data and the step, so the split does not change the draws
     pairs_t = torch.tensor(kept, dtype=torch.long).repeat_interleave(n)
     pairs_i = torch.arange(n).repeat(len(kept))
+    mine = shard(torch.arange(len(pairs_t)))
+    pairs_t, pairs_i = pairs_t[mine], pairs_i[mine]
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task(f"moments ({n} images x {len(kept)} steps)", total=len(pairs_t))
         for start in range(0, len(pairs_t), batch_size):
             t = pairs_t[start : start + batch_size]
             i = pairs_i[start : start + batch_size]
-            eps = torch.randn((len(t), *shape), generator=generator, dtype=torch.float64)
+            eps = pair_noise(seed, subset[i], t, shape)
             x_t = schedule.add_noise(x0[i], eps, t)
             a, b = schedule.scales(t, x_t)
             out = eps_model(x_t.to(device=device, dtype=model_dtype), t.to(device))
@@ -445,12 +467,17 @@ def estimate_moments(
                 per_image["moment"][rows, i] = mo
                 per_image["mle"][rows, i] = e
             bar.advance(task, len(t))
+    for group in (scalars, diag, per_image or {}):
+        for key, value in group.items():
+            group[key] = all_reduce_sum(value)  # float64 sums over processes
     estimated = torch.zeros(T, dtype=torch.bool)
     estimated[torch.tensor(kept) - 1] = True
     for group in (scalars, diag):
         for value in group.values():
             value /= n
             value[~estimated] = math.nan
+    for value in (per_image or {}).values():
+        value[~estimated] = math.nan
     info: dict[str, Any] = {"timesteps": "all" if timesteps is None else len(kept)}
     if isinstance(eps_model, nn.Module):
         info["model_sha256"] = model_fingerprint(eps_model)

@@ -25,7 +25,10 @@ from torch import Tensor
 from kexue.diffusion.schedule import NoiseSchedule
 
 __all__ = [
+    "DISTRIBUTED_WORKER",
     "GaussianMixture",
+    "distributed_problem",
+    "distributed_results",
     "gaussian_eps",
     "gaussian_posterior_variance",
     "point_eps",
@@ -168,3 +171,71 @@ def reference_sample(
         std = torch.as_tensor(variances[i - 1], dtype=torch.float64).sqrt()
         x = c / bbar[t] * x + gamma * x0_hat + std * z
     return x
+
+
+def distributed_problem(T: int = 20) -> dict:
+    """A small fixed problem for the many-process checks: an untrained tiny U-Net (seeded),
+    its schedule, 12 training and 7 held-out 8-bit images of shape (1, 8, 8), and 9 random
+    28x28 images with a seeded digit classifier (the sample-quality features)."""
+    from kexue.diffusion.evaluate import DigitClassifier
+    from kexue.diffusion.unet import UNet
+
+    schedule = NoiseSchedule.su_linear(T)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = UNet(channels=8, channel_mults=(1, 2), blocks=1, T=T).eval()
+        classifier = DigitClassifier().eval()
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (19, 1, 8, 8), generator=gen).double()
+    images = pixels / 127.5 - 1
+    digits = torch.rand((9, 1, 28, 28), generator=gen) * 2 - 1
+    return {"model": model, "schedule": schedule, "train": images[:12], "heldout": images[12:],
+            "classifier": classifier, "digits": digits}  # fmt: skip
+
+
+def distributed_results(problem: dict) -> dict[str, Tensor]:
+    """What the many-process checks compare: moments (with per-image values), the NLL bound of
+    two variances and the classifier features, all computed with kexue's public functions
+    (split over the processes when a ``torch.distributed`` group is initialised)."""
+    from kexue.diffusion.evaluate import classify
+    from kexue.diffusion.likelihood import nll_bpd
+    from kexue.diffusion.moments import estimate_moments
+
+    model, schedule = problem["model"], problem["schedule"]
+    moments = estimate_moments(
+        model, schedule, problem["train"], num_images=10, batch_size=7, keep_per_image=True,
+        generator=torch.Generator().manual_seed(2), progress=False,
+    )  # fmt: skip
+    nll = nll_bpd(
+        model, schedule, problem["heldout"], steps=4, variance={"small": "small", "large": "large"},
+        batch_size=2, generator=torch.Generator().manual_seed(3), progress=False,
+    )  # fmt: skip
+    features, probs = classify(problem["classifier"], problem["digits"], batch_size=2)
+    fields = ("Gamma", "Gamma_sq", "moment", "err", "eps2", "moment_diag", "err_diag")
+    out = {f"moments.{k}": getattr(moments, k) for k in fields}
+    out.update({f"per_image.{k}": v for k, v in (moments.per_image or {}).items()})
+    for name, res in nll.items():
+        out[f"nll.{name}.per_image"] = res.bpd_per_image
+        out[f"nll.{name}.bpd"] = torch.tensor(res.bpd, dtype=torch.float64)
+    out["features"], out["probs"] = features, probs
+    return out
+
+
+# Run by ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N <this text as
+# a file> OUT`` (torchrun under the hood: accelerate's ``--cpu`` alone starts one process unless
+# MPI is set up); each process saves its results to OUT/rank<i>.pt.
+DISTRIBUTED_WORKER = """
+import sys
+
+import torch
+from accelerate import PartialState
+
+state = PartialState(cpu=True)  # joins the gloo group the launcher prepared
+torch.set_num_threads(1)
+from kexue.testing.diffusion import distributed_problem, distributed_results
+
+results = distributed_results(distributed_problem())
+results["world_size"] = torch.tensor(state.num_processes)
+torch.save(results, f"{sys.argv[1]}/rank{state.process_index}.pt")
+state.wait_for_everyone()
+"""
