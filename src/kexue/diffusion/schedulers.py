@@ -25,7 +25,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import torch
 from torch import Tensor
@@ -37,10 +37,15 @@ from kexue.extras import require
 from kexue.validation import check_choice, check_generator, check_int, check_real, check_tensor
 
 _diffusers = require("diffusers", "diffusion", "the diffusers schedulers")
-ConfigMixin = _diffusers.ConfigMixin
-SchedulerMixin = _diffusers.SchedulerMixin
+if TYPE_CHECKING:  # diffusers' config is a dict with attribute access: untyped base classes
+    ConfigMixin: TypeAlias = Any
+    SchedulerMixin: TypeAlias = Any
+    BaseOutput: TypeAlias = Any
+else:
+    ConfigMixin = _diffusers.ConfigMixin
+    SchedulerMixin = _diffusers.SchedulerMixin
+    BaseOutput = _diffusers.utils.BaseOutput
 register_to_config = _diffusers.configuration_utils.register_to_config
-BaseOutput = _diffusers.utils.BaseOutput
 
 __all__ = ["AnalyticDPMScheduler", "AnalyticDPMSchedulerOutput", "noise_schedule_from_diffusers"]
 
@@ -205,7 +210,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self.moments.save_pretrained(Path(save_directory) / MOMENTS_FOLDER)
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
+    def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         subfolder: str | None = None,
