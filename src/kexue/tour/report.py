@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ class Section:
     claim: str
     method: str
     verdict: str = ""
-    numbers: dict[str, Number] = field(default_factory=dict)
+    numbers: Mapping[str, Number] = field(default_factory=dict)
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
