@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -77,56 +78,107 @@ def _exact_terms(
     return loss, grads[0], grads[1]
 
 
+def _snap_thresholds(eps: float, dtype: torch.dtype) -> tuple[float, float]:
+    """``(lo, hi)`` such that ``threshold(t, lo, 0)`` drops ``t < eps`` and
+    ``threshold(1 - t, hi, 0)`` drops ``t > 1 - eps``, with the comparisons of ``t < eps`` and
+    ``t > 1 - eps`` in ``dtype`` (``1 - t`` is exact for ``t >= 1/2``, and ``t > c`` iff
+    ``1 - t < 1 - c`` there)."""
+    np_dtype = np.float32 if dtype != torch.float64 else np.float64
+    below = np_dtype(-np.inf)
+    c_lo = np_dtype(eps)
+    c_hi = np_dtype(1.0 - eps)
+    gap = np_dtype(1.0 - float(c_hi))  # exact: c_hi is in [1/2, 1]
+    return float(np.nextafter(c_lo, below)), float(np.nextafter(gap, below))
+
+
+def _max_sum(eps: float, dtype: torch.dtype) -> float:
+    """A bound on the two sums below which no kept term met an overflowed or subnormal
+    ``exp(s)``: a kept weight is at least ``eps``, so ``t e^{-s} < S`` gives ``e^s > eps / S``
+    and ``(1 - t) e^s < S`` gives ``e^s < S / eps``. 0 when ``eps`` is too small for a
+    useful bound (then the scores' range is checked before)."""
+    info = torch.finfo(dtype)
+    np_dtype = np.float32 if dtype != torch.float64 else np.float64
+    bound = min(eps, 1.0 - float(np_dtype(1.0 - eps))) * min(1.0 / info.tiny, info.max) / 4
+    return bound if bound > 1e10 else 0.0
+
+
 class _DenseZLPR(torch.autograd.Function):
     """Soft ZLPR over the last dim of 2-D ``s`` (rows x classes).
 
-    Fast path, for rows whose scores lie in ``(-R, R)`` (``R = min(80, 87 - log n)`` in
-    float32): with
-    ``e = exp(s)``, ``A = sum t / e`` and ``B = sum (1 - t) e`` are plain sums of normal
-    floats, and ``L = log1p(A) + log1p(B)``. Other rows (masked to huge or ``-inf`` scores,
-    extreme logits) take the max-shifted exact path. Backward is one fused pass:
-    ``dL/ds = (1 - t) e / (1 + B) - t e^{-1} / (1 + A)``.
+    Fast path: with ``e = exp(s)``, ``A = sum t / e`` and ``B = sum (1 - t) e`` are plain sums
+    and ``L = log1p(A) + log1p(B)``. Rows where that is not exact (an ``exp`` that overflowed
+    or became subnormal, a masked ``-inf`` score, huge sums: ``A`` or ``B`` above
+    :func:`_max_sum` or NaN) take the max-shifted exact path. Backward is one batched product
+    over the two saved terms: ``dL/ds = (1 - t) e / (1 + B) - t e^{-1} / (1 + A)``.
+
+    Passes over the scores (float targets): forward ``exp``, two ``threshold`` (the ``eps``
+    snapping), ``1 - t``, a division and a product, one sum over both terms; backward one
+    ``bmm``. Fresh full-size buffers cost page faults on CPUs, so the forward allocates the
+    two terms as one buffer and the buffer of ``e``, which the backward reuses for the
+    gradient.
     """
 
     @staticmethod
     def forward(ctx, s: Tensor, t: Tensor, keep: Tensor | None, eps: float) -> Tensor:
-        limit = _fast_range(s.dtype, s.shape[-1])
-        slow = ~((s.amin(-1) > -limit) & (s.amax(-1) < limit))
-        any_slow = bool(slow.any())
-        # In place where possible: each fresh full-size buffer costs page faults on the CPU.
-        # One buffer for both terms: fewer fresh allocations, fewer page faults.
-        buf = torch.empty((2, *s.shape), dtype=s.dtype, device=s.device)
-        v_pos, en = buf[0], buf[1]
-        torch.exp(s.clamp(-limit, limit) if any_slow else s, out=en)
-        if t.dtype == torch.bool:  # (mixed bool/float arithmetic is slow: mask instead)
-            torch.reciprocal(en, out=v_pos).masked_fill_(~t, 0.0)
-            v_neg = en.masked_fill_(t, 0.0)
+        bound = _max_sum(eps, s.dtype) if t.dtype != torch.bool else 0.0
+        slow = None
+        if not bound:  # check the scores' range first (bool targets: no eps to bound by)
+            limit = _fast_range(s.dtype, s.shape[-1])
+            slow = ~((s.amin(-1) > -limit) & (s.amax(-1) < limit))
+            if bool(slow.any()):
+                s_exp = s.clamp(-limit, limit)
+            else:
+                s_exp, slow = s, None
         else:
-            torch.div(t, en, out=v_pos).masked_fill_(t < eps, 0.0)  # t e^{-s}
-            v_neg = en.lerp_(torch.zeros((), dtype=en.dtype), t)  # en * (1 - t), accurate
-            v_neg.masked_fill_(t > 1.0 - eps, 0.0)
+            s_exp = s
+        buf = torch.empty((2, *s.shape), dtype=s.dtype, device=s.device)
+        v_pos, v_neg = buf[0], buf[1]
+        if t.dtype == torch.bool:  # (mixed bool/float arithmetic is slow: mask instead)
+            en = torch.exp(s_exp, out=v_neg)
+            torch.reciprocal(en, out=v_pos).masked_fill_(~t, 0.0)
+            en.masked_fill_(t, 0.0)
+            scratch = None
+        else:
+            lo, hi = _snap_thresholds(eps, s.dtype)
+            scratch = torch.exp(s_exp)
+            torch.threshold(t, lo, 0.0, out=v_pos).div_(scratch)  # t e^{-s}, t < eps -> 0
+            torch.sub(torch.ones((), dtype=s.dtype, device=s.device), t, out=v_neg)
+            # (1 - t) e^s; torch's stubs (nn/functional.pyi) lack threshold_ (it exists)
+            torch.nn.functional.threshold_(v_neg, hi, 0.0).mul_(scratch)  # type: ignore[attr-defined]
         if keep is not None:
             v_pos.masked_fill_(~keep, 0.0)
             v_neg.masked_fill_(~keep, 0.0)
-        a, b = v_pos.sum(-1), v_neg.sum(-1)
+        sums = buf.sum(-1)
+        a, b = sums[0], sums[1]
+        if bound:
+            slow = ~((a < bound) & (b < bound))
+            if not bool(slow.any()):
+                slow = None
+            else:
+                a.masked_fill_(slow, 0.0)
+                b.masked_fill_(slow, 0.0)
         loss = torch.log1p(a).add_(torch.log1p(b))
         d_pos, d_neg = a.add_(1.0), b.add_(1.0)
-        if any_slow:
+        if slow is not None:
             rows = slow.nonzero().squeeze(-1)
             sub_keep = keep[rows] if keep is not None else None
             w_pos, w_neg = _weights(t[rows], eps, s.dtype)
             loss_r, g_pos, g_neg = _exact_terms(s[rows], w_pos, w_neg, sub_keep)
             loss[rows], v_pos[rows], v_neg[rows] = loss_r, g_pos, g_neg
             d_pos[rows], d_neg[rows] = 1.0, 1.0
-        ctx.save_for_backward(v_pos, v_neg, d_pos, d_neg)
+        ctx.save_for_backward(buf, d_pos, d_neg)
+        ctx.scratch = scratch  # the gradient's buffer (not saved: the backward may reuse it)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        v_pos, v_neg, d_pos, d_neg = ctx.saved_tensors
-        out = v_neg * (grad / d_neg).unsqueeze(-1)
-        out.addcmul_(v_pos, (grad / d_pos).unsqueeze(-1), value=-1.0)
+        buf, d_pos, d_neg = ctx.saved_tensors
+        scratch, ctx.scratch = ctx.scratch, None
+        rows, n = buf.shape[1:]
+        coef = torch.stack([-(grad / d_pos), grad / d_neg], -1)[:, None, :]  # (rows, 1, 2)
+        out = scratch if scratch is not None else buf.new_empty(rows, n)
+        torch.bmm(coef, buf.permute(1, 0, 2), out=out.view(rows, 1, n))
         return out, None, None, None
 
 
