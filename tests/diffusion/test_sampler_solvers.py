@@ -276,3 +276,12 @@ def test_bfloat16_loop_keeps_schedule_arithmetic_in_float32():
     want = x_T.double() / float(s.abar[-1])
     err = float(((out.double() - want) / want).abs().max())
     assert err < 1e-5, err
+    # returned in bfloat16 (x_T's dtype), but every state of the loop is float32 and exact
+    x_half = x_T.to(torch.bfloat16)
+    out, traj = sample(ZeroEps(), s, x_T.shape, steps=20, eta=0.0, x_T=x_half,
+                       return_trajectory=True, progress=False)  # fmt: skip
+    assert out.dtype == torch.bfloat16 and traj[-2].dtype == torch.float32
+    kept = s.trajectory(20, "trailing")
+    want = x_half.double() * float(s.abar[kept[0]]) / float(s.abar[-1])
+    err = float(((traj[-2].double() - want) / want).abs().max())
+    assert err < 1e-5, err
