@@ -190,7 +190,9 @@ def render(results: dict[str, Any], out: Path) -> str:
             "shrinks, so compare rows with the same n), mean max-softmax confidence, entropy of "
             "the predicted-label histogram (log 10 = 2.303 is perfectly balanced), k-NN (k = 3) "
             f"precision/recall. Sizes (K, n): {', '.join(f'({k}, {n})' for k, n in sizes)}; "
-            f"each row starts from its own seeded x_T (seed K). Sampling + scoring: "
+            f"each row starts from its own seeded x_T (seed K) and runs K model calls on "
+            "`sample`'s default trailing steps T/K, ..., T (even steps 1, ..., T before issue "
+            "12; docs/benchmarks/few_step.md compares both). Sampling + scoring: "
             f"{q['seconds']:.0f} s on {where}.",
             "",
             markdown_table(Table("", ["sampler", "K", "n", *QUALITY_HEADERS], q["rows"])),
