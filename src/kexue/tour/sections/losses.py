@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -17,7 +19,7 @@ from kexue.experiments.multilabel import (
 )
 from kexue.experiments.speed import LOSS_HEADERS, loss_speed_rows
 from kexue.extras import require
-from kexue.tour.report import Section, Table
+from kexue.tour.report import Claim, Section, Table
 from kexue.tour.runner import SectionContext
 
 plt = require("matplotlib.pyplot", "tour", "the tour")
@@ -39,6 +41,58 @@ def _data(seed: int) -> tuple[Split, Split, Split]:
         )
         splits.append(Split(x, y))
     return splits[0], splits[1], splits[2]
+
+
+ZLPR_GOAL = 1.1  # ZLPR / BCEWithLogitsLoss, forward + backward, float targets (issue 14)
+
+
+def _level(a: str, b: str, key: str, numbers: dict) -> float:
+    """``(mean_a - mean_b) / sqrt(sd_a^2 + sd_b^2)``: the gap in seed standard deviations."""
+    gap = numbers[f"{a} {key} mean"] - numbers[f"{b} {key} mean"]
+    sd = (numbers[f"{a} {key} sd"] ** 2 + numbers[f"{b} {key} sd"] ** 2) ** 0.5
+    return gap / sd if sd > 0 else (math.inf if gap > 0 else -math.inf if gap < 0 else 0.0)
+
+
+def section_claims(numbers: dict) -> list[Claim]:
+    """The section's claims, judged from its numbers: "matches or beats" means not more than
+    two seed standard deviations behind."""
+    zl, bt = "ZLPR (s>0)", "BCE (tuned t)"
+    gaps = {k: _level(zl, bt, k, numbers) for k in ("micro_f1", "macro_f1")}
+    ok = [g >= -2 for g in gaps.values()]
+    e2, e1 = numbers["ECE ZLPR (s>0), sigmoid(2s)"], numbers["ECE ZLPR (s>0), sigmoid(s)"]
+    claims = [
+        Claim(
+            "ZLPR with its built-in threshold (s > 0, untuned) matches or beats BCE with a "
+            "tuned threshold (micro- and macro-F1)",
+            "holds" if all(ok) else ("partly" if any(ok) else "does not hold"),
+            ", ".join(
+                f"{k.replace('_f1', '-F1')} {numbers[f'{zl} {k} mean']:.4f} vs "
+                f"{numbers[f'{bt} {k} mean']:.4f} ({g:+.1f} sd)"
+                for k, g in gaps.items()
+            ),
+        ),
+        Claim(
+            "sigmoid(2s) calibrates ZLPR scores better than sigmoid(s)",
+            "holds" if e2 < e1 else "does not hold",
+            f"ECE {e2:.4f} vs {e1:.4f}",
+        ),
+    ]
+    ratios = {
+        k.split(" ")[1] + " x " + k.split(" ")[3]: v
+        for k, v in numbers.items()
+        if k.startswith("speed ") and k.endswith(" ZLPR/BCE")
+    }
+    if ratios:
+        worst = max(ratios.values())
+        claims.append(
+            Claim(
+                f"ZLPR forward + backward <= {ZLPR_GOAL:g}x BCEWithLogitsLoss (float targets, "
+                "CPU float32)",
+                "holds" if worst <= ZLPR_GOAL else "does not hold",
+                ", ".join(f"{size}: {r:.2f}x" for size, r in ratios.items()),
+            )
+        )
+    return claims
 
 
 def run(ctx: SectionContext) -> Section:
@@ -168,6 +222,7 @@ def run(ctx: SectionContext) -> Section:
         ),
         verdict=verdict,
         numbers=numbers,
+        claims=section_claims(numbers),
         tables=[quality, calib, speed],
         figures=[f1_fig, rel_fig],
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ import torch
 from kexue.experiments.speed import LSE_HEADERS, lse_speed_rows
 from kexue.extras import require
 from kexue.ops import logsumexp, logsumexp_bounds, logsumexp_lower_bound, smooth_max
-from kexue.tour.report import Section, Table
+from kexue.tour.report import Claim, Section, Table
 from kexue.tour.runner import SectionContext
 
 plt = require("matplotlib.pyplot", "tour", "the tour")
@@ -70,6 +71,7 @@ def _numerics() -> list[list]:
     half = x.half().requires_grad_()
     ours = logsumexp(half, mask=mask)
     ours.float().sum().backward()
+    half_grad = cast(torch.Tensor, half.grad)  # a leaf after backward()
     sentinel = torch.logsumexp(half.detach() + (mask.half() - 1) * 1e12, -1)
     rows.append(
         [
@@ -82,7 +84,7 @@ def _numerics() -> list[list]:
     rows.append(
         [
             "float16, all-masked row",
-            f"{ours[1].item()} (grad {half.grad[1].abs().max().item()})",
+            f"{ours[1].item()} (grad {half_grad[1].abs().max().item()})",
             f"{sentinel[1].item()}",
             f"{ref[1].item()}",
         ]
@@ -91,11 +93,12 @@ def _numerics() -> list[list]:
     torch.logsumexp(z, -1).sum().backward()
     z2 = z.detach().clone().requires_grad_()
     logsumexp(z2).sum().backward()
+    z_grad, z2_grad = cast(torch.Tensor, z.grad), cast(torch.Tensor, z2.grad)  # leaves
     rows.append(
         [
             "all -inf row: gradient",
-            f"{z2.grad.abs().max().item()}",
-            f"torch.logsumexp: {z.grad[0, 0].item()}",
+            f"{z2_grad.abs().max().item()}",
+            f"torch.logsumexp: {z_grad[0, 0].item()}",
             "0",
         ]
     )
@@ -115,6 +118,50 @@ def _smooth_max_figure(ctx: SectionContext, gen: torch.Generator):
     ax.set_title("Smooth max error (solid) vs its bound tau log n (dashed)")
     ax.legend(fontsize=8)
     return ctx.save_figure(fig, "smooth-max", "error of tau*lse(x/tau) over 512 random rows")
+
+
+INEQUALITIES = (
+    "1. max <= lse <= max + log n",
+    "2. max <= tau lse(x/tau) <= max + tau log n",
+    "3. lse >= mean + log n",
+    "4. lse >= sum p x + H_t(p), t in {1, 1.5, 2, inf}",
+    "5. |lse x - lse y| <= ||x - y||_inf",
+    "6. convexity",
+)
+LSE_GOAL = 1.2  # kexue / torch.logsumexp, forward + backward, plain N(0, 1), 256 x 1000
+
+
+def section_claims(numbers: dict) -> list[Claim]:
+    """The section's claims, judged from its numbers (slack >= -1e-9 counts as held)."""
+    slack = min(numbers[k] for k in INEQUALITIES)
+    worst = numbers["smooth_max(max_error=0.01) worst error, n=100"]
+    least = numbers["smooth_max(max_error=0.01) smallest error, n=100"]
+    plain = numbers["time ratio 256 x 1000, plain, N(0,1)"]
+    masked = [v for k, v in numbers.items() if k.startswith("time ratio") and "masked" in k]
+    return [
+        Claim(
+            "logsumexp obeys six inequalities (bounds, temperature, mean, Rényi, Lipschitz, "
+            "convexity)",
+            "holds" if slack >= -1e-9 else "does not hold",
+            f"smallest slack {slack:.1e} over 20,000 random cases",
+        ),
+        Claim(
+            "smooth_max(max_error=e) exceeds the maximum by at most e (here e = 0.01)",
+            "holds" if worst <= 0.01 and least >= -1e-12 else "does not hold",
+            f"error between {least:.1e} and {worst:.4f}",
+        ),
+        Claim(
+            f"logsumexp forward + backward <= {LSE_GOAL:g}x torch.logsumexp on plain N(0, 1) "
+            "scores, 256 x 1000",
+            "holds" if plain <= LSE_GOAL else "does not hold",
+            f"{plain:.2f}x",
+        ),
+        Claim(
+            "A mask costs less than masked_fill(-inf) + torch.logsumexp",
+            "holds" if masked and max(masked) < 1 else "does not hold",
+            f"{min(masked):.2f}-{max(masked):.2f}x torch's time" if masked else "not measured",
+        ),
+    ]
 
 
 def run(ctx: SectionContext) -> Section:
@@ -156,6 +203,7 @@ def run(ctx: SectionContext) -> Section:
             + f"; smooth_max(max_error=0.01) erred by at most {float(guaranteed.max()):.4f}"
         ),
         numbers=numbers,
+        claims=section_claims(numbers),
         tables=[
             Table(
                 "Smallest slack over random float64 cases (negative = violated)",
