@@ -20,7 +20,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -289,8 +289,9 @@ def sample(
         solver: ``"ddim"`` (default): the DDIM family below (``eta``, ``variance``);
             ``"dpm-solver-v3"``: the deterministic multistep ODE solver built on the model's
             empirical statistics (:func:`~kexue.diffusion.dpm_solver_v3.dpm_solver_v3_sample`,
-            trailing steps); or a diffusers scheduler instance (``DDIMScheduler``,
-            ``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``, ...), run on this
+            trailing steps; ``steps=None`` means 10 calls); or a diffusers scheduler
+            instance (``DDIMScheduler``, ``DPMSolverMultistepScheduler``,
+            ``UniPCMultistepScheduler``, ...), run on this
             loop with its noise schedule replaced by ``schedule``'s
             (``trained_betas = schedule.to_diffusers_betas()``, its other settings kept) and
             the model called at diffusers' timestep + 1; ``steps`` is then its
@@ -375,8 +376,8 @@ def sample(
         x = x.to(out_dtype)
         return (x, trajectory) if return_trajectory else x
     if spacing is None:
-        per_step = isinstance(variance, Tensor) or callable(variance)
-        spacing = "even" if per_step else SAMPLING_SPACING
+        stepwise = isinstance(variance, Tensor) or callable(variance)
+        spacing = "even" if stepwise else SAMPLING_SPACING
     kept = resolve_steps(schedule, steps, spacing)
     eta = 1.0 if eta is None else eta
     fixed = variance if isinstance(variance, str) or variance is None else None
@@ -401,12 +402,13 @@ def sample(
                 x0 = x0.clamp(-clip_x0, clip_x0)
                 eps = (x - jump.abar_t * x0) / jump.bbar_t
             mean = jump.abar_s * x0 + jump.direction * eps
+            var: Tensor | float
             if isinstance(variance, Tensor):
                 var = per_step[len(plan) - 1 - index]
             elif callable(variance):
                 var = check_variance_fn_value(variance(x, jump.t, jump.s, eps), jump.t, x)
             else:
-                var = jump.noise_var
+                var = cast(float, jump.noise_var)  # jumps() sets it for None/'small'/'large'
             if isinstance(var, Tensor) or var > 0:
                 noise = torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
                 std = var.sqrt() if isinstance(var, Tensor) else math.sqrt(var)
