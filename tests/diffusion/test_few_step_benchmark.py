@@ -1,0 +1,36 @@
+"""benchmarks/few_step.py's smoke plan: measures to JSON, renders the page from the JSON alone
+(slow: about a minute on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench(*args: str) -> None:
+    out = subprocess.run([sys.executable, "benchmarks/few_step.py", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_few_step_smoke_plan(tmp_path):
+    _bench("--plan", "smoke", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "few_step.json").read_text())
+    assert results["plan"] == "smoke"
+    names = {r["sampler"] for r in results["quality"]}
+    assert {"DDIM trailing", "DPM-Solver-v3", "UniPC", "DPM-Solver++ 2M"} <= names
+    # the same initial noise: first-order deterministic solvers agree at K = 2 with DDIM
+    by = {(r["sampler"], r["K"]): r["frechet"] for r in results["quality"]}
+    assert by[("DPM-Solver++ 2M", 2)] == pytest.approx(by[("DDIM trailing", 2)], rel=1e-3)
+    page = (tmp_path / "few_step.md").read_text()
+    assert "samples per row" in page and "## Goals, as measured" in page
+    assert (tmp_path / "few-step-convergence.png").read_bytes()[:4] == b"\x89PNG"
+    _bench("--plan", "smoke", "--render-only", "--out", str(tmp_path))
+    assert (tmp_path / "few_step.md").read_text() == page
