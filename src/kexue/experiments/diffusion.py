@@ -15,7 +15,7 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -57,7 +57,7 @@ def shipped_model(device: torch.device | str | None = None) -> UNet:
 # How the shipped statistics of the shipped model were estimated (docs/guides/few-step.md,
 # "Measured"): 128 training digits x 16 grid steps, finite differences, about 11 minutes of
 # one loaded CPU core; s and b kept where the pairs resolve them.
-SHIPPED_STATISTICS = {
+SHIPPED_STATISTICS: dict[str, Any] = {
     "num_images": 128,
     "grid": 16,
     "seed": 1234,
@@ -77,7 +77,7 @@ def shipped_statistics_sums(
     from kexue.diffusion import load_images
 
     settings = SHIPPED_STATISTICS | overrides
-    schedule = model.schedule
+    schedule = cast(NoiseSchedule, model.schedule)  # the shipped model carries it
     images = load_images(SHIPPED).train
     grid = statistics_grid(schedule, settings["grid"])
     gen = torch.Generator().manual_seed(settings["subset_seed"])
@@ -107,7 +107,7 @@ def shipped_statistics(
     if seconds is not None:
         info["seconds"] = round(seconds, 1)
     return sums.statistics(
-        model.schedule, max_standard_error=settings["max_standard_error"],
+        cast(NoiseSchedule, model.schedule), max_standard_error=settings["max_standard_error"],
         num_images=settings["num_images"], info=info,
     )  # fmt: skip
 
@@ -138,11 +138,13 @@ def compared_samplers(
     moments: DiffusionMoments, schedule: NoiseSchedule, K: int
 ) -> list[tuple[str, float, Tensor | None]]:
     """``(name, eta, variance)`` of the four samplers compared at ``K`` steps: DDPM (its small
-    variance), Analytic-DDPM, DDIM and Analytic-DDIM (the optimal variance for each eta)."""
+    variance), Analytic-DDPM, DDIM and Analytic-DDIM (the optimal variance for each eta). Every
+    variance is a per-step tensor on the even trajectory the variance builders use (DDIM's is
+    zero), so ``sample`` runs all four on the same steps."""
     return [
         ("DDPM", 1.0, fixed_variance(schedule, K, "small")),
         ("Analytic-DDPM", 1.0, optimal_variance(moments, schedule, K, eta=1.0)),
-        ("DDIM", 0.0, None),
+        ("DDIM", 0.0, torch.zeros(K, dtype=torch.float64)),
         ("Analytic-DDIM", 0.0, optimal_variance(moments, schedule, K, eta=0.0)),
     ]
 
@@ -207,6 +209,7 @@ def generate(
         generator=gen,
         progress=False,
     )
+    assert isinstance(images, Tensor)  # no trajectory asked for
     return images.cpu()
 
 
@@ -353,7 +356,9 @@ def few_step_images(
     out = []
     for start in range(0, len(x_T), batch):
         chunk = x_T[start : start + batch].to(device)
-        images = sample(model, model.schedule, chunk.shape, steps=K, x_T=chunk, generator=gen,
+        schedule = cast(NoiseSchedule, model.schedule)  # a kexue UNet with its schedule
+        images = sample(model, schedule, chunk.shape, steps=K, x_T=chunk, generator=gen,
                         progress=False, **few_step_kwargs(name, statistics))  # fmt: skip
+        assert isinstance(images, Tensor)  # no trajectory asked for
         out.append(images.cpu())
     return torch.cat(out)
