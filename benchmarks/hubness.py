@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import math
 import os
@@ -47,12 +46,13 @@ import torch
 from scipy import stats
 
 from _common import Table, command_line, machine_line, main, markdown_table, wall_seconds
+from kexue.experiments.hub_prior import LatentPrior, hub_prior_claims, interpolate_curve
 from kexue.experiments.machine import machine_info
 from kexue.hubness import k_occurrence, k_skewness, knn, neighbor_recall, occurrence_counts
 from kexue.hubness.knn import SELECTION_GROUP, smallest_k_grouped  # the selection alone
 
 K = 5
-PARTS = ("knn", "large", "sampling", "gpu")
+PARTS = ("knn", "large", "sampling", "gpu", "gan", "ddim")
 PLANS = ("smoke", "default", *PARTS)
 
 
@@ -576,6 +576,99 @@ def part_sampling(quick: bool, out_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# part 5: the paper's comparison (seeds, bootstrap, norm-matched control, cost) on a generator
+
+HUB_SETTINGS = ((5, 10), (5, 20), (5, 50), (10, 20), (10, 100))  # (k, threshold)
+PSIS = (1.0, 1.5, 2.0, 2.5)
+SAMPLE_GRID = ("random N(0, I)", "hub prior, N_5 >= 50", "norm-matched to N_5 >= 50",
+               "truncated, psi = 1.5")  # fmt: skip
+
+
+def study_priors(quick: bool) -> list:
+    from kexue.experiments.hub_prior import LatentPrior
+
+    hubs = ((5, 10), (5, 20)) if quick else HUB_SETTINGS
+    return [
+        LatentPrior("random"),
+        *(LatentPrior("hub", t, k=k) for k, t in hubs),
+        *(LatentPrior("matched", t, k=k) for k, t in hubs),
+        *(LatentPrior("truncate", psi) for psi in ((1.0, 2.0) if quick else PSIS)),
+    ]
+
+
+def _generator(name: str, steps: int) -> tuple[Any, tuple[int, ...], dict]:
+    """The generator as a plain callable from latents to images, the latent shape, and what
+    to say about it."""
+    if name == "gan":
+        from kexue.hubness import DigitGenerator
+
+        gan = DigitGenerator.from_pretrained("mnist-gan")
+        info = {"name": "mnist-gan", **gan.training_info}
+        return gan, (gan.latent_dim,), info
+    from kexue.diffusion import UNet, sample
+
+    model = UNet.from_pretrained("mnist5k")
+
+    def ddim(z: torch.Tensor) -> torch.Tensor:
+        return sample(model, model.schedule, tuple(z.shape), steps=steps, eta=0.0, x_T=z,
+                      progress=False)  # fmt: skip
+
+    info = {"name": "mnist5k", "steps": steps, **model.info}
+    return ddim, (1, 28, 28), info
+
+
+def part_study(name: str, quick: bool, out_dir: Path) -> dict:
+    """Every latent prior of :func:`study_priors` with 3 seeds on generator ``name``."""
+    from kexue.diffusion import DigitEvaluator, image_grid
+    from kexue.experiments.hub_prior import (
+        LatentPrior,
+        paired_differences,
+        prior_study,
+        summarize_study,
+    )
+
+    n, seeds, bootstrap, pool = (100, (0, 1), 20, 2000) if quick else (1000, (0, 1, 2), 200, 10_000)
+    generate, shape, info = _generator(name, steps=4 if quick else 10)
+    priors = study_priors(quick)
+    rows = prior_study(
+        generate, DigitEvaluator(), priors, n, shape, seeds, pool_size=pool, bootstrap=bootstrap,
+        on_row=lambda label: print(f"[{name}] {n} images: {label}", flush=True), keep_images=16,
+    )  # fmt: skip
+    shown = [r for r in rows if r["seed"] == seeds[0] and r["prior"] in SAMPLE_GRID]
+    if shown:
+        fig, axes = plt.subplots(len(shown), 1, figsize=(9, 0.85 * len(shown) + 0.3))
+        for ax, row in zip(np.atleast_1d(axes), shown, strict=True):
+            ax.imshow(image_grid(row["images"], nrow=16), cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{row['prior']} (first 16 scored images, seed {row['seed']})",
+                         fontsize=9, loc="left")  # fmt: skip
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out_dir / f"hubness-{name}-samples.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    for row in rows:
+        row.pop("images", None)
+    paired = []
+    for prior in priors:
+        if prior.kind != "random":
+            paired.append(paired_differences(rows, prior.label, "random N(0, I)"))
+        if prior.kind == "hub":
+            control = LatentPrior("matched", prior.value, k=prior.k).label
+            paired.append(paired_differences(rows, prior.label, control))
+    return {
+        "generator": info,
+        "latent_shape": list(shape),
+        "n": n,
+        "seeds": list(seeds),
+        "bootstrap": bootstrap,
+        "pool_size": pool,
+        "rows": rows,
+        "summary": summarize_study(rows),
+        "paired": paired,
+        "command": command_line(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # the document
 
 
@@ -784,6 +877,29 @@ def large_section(r: dict) -> list[str]:
     return lines
 
 
+def sampling_noise(r: dict) -> dict[str, float]:
+    """The DDIM part's noise floor: spread (max - min) of its random-latent rows."""
+    randoms = [row for row in r["rows"] if row["kind"] == "random"]
+    return {
+        key: max(row[key] for row in randoms) - min(row[key] for row in randoms)
+        for key in ("frechet", "precision", "recall")
+    }
+
+
+def sampling_claims(r: dict) -> dict[str, list[tuple[str, str, str]]]:
+    """Per hub row of the DDIM part, the claims of ``hub_prior_claims`` (noise: the spread of
+    the random rows; no norm-matched row in this part, its scaled row is a norm control)."""
+    rows = r["rows"]
+    by = {row["prior"]: row for row in rows}
+    trunc = sorted((row for row in rows if row["kind"] == "truncate"), key=lambda x: x["value"])
+    noise = sampling_noise(r)
+    return {
+        row["prior"]: hub_prior_claims(row, by["random N(0, I)"], trunc, noise)
+        for row in rows
+        if row["kind"] == "hub"
+    }
+
+
 def sampling_section(r: dict) -> tuple[list[str], plt.Figure]:
     from kexue.experiments.hub_prior import (
         SAMPLING_HEADERS,
@@ -795,10 +911,7 @@ def sampling_section(r: dict) -> tuple[list[str], plt.Figure]:
     by = {row["prior"]: row for row in rows}
     r0 = by["random N(0, I)"]
     randoms = [row for row in rows if row["kind"] == "random"]
-    noise = {
-        key: max(row[key] for row in randoms) - min(row[key] for row in randoms)
-        for key in ("frechet", "precision", "recall")
-    }
+    noise = sampling_noise(r)
     hub_rows = [row for row in rows if row["kind"] == "hub"]
     trunc = sorted((row for row in rows if row["kind"] == "truncate"), key=lambda x: x["value"])
     lines = [
@@ -856,8 +969,8 @@ def sampling_section(r: dict) -> tuple[list[str], plt.Figure]:
         "",
     ]
     for h in hub_rows:
-        match = _interpolate(trunc, "precision", h["precision"], "recall")
-        match_fd = _interpolate(trunc, "frechet", h["frechet"], "recall")
+        match = interpolate_curve(trunc, "precision", h["precision"], "recall")
+        match_fd = interpolate_curve(trunc, "frechet", h["frechet"], "recall")
         lines.append(
             f"- {h['prior']}: Fréchet {h['frechet']:.1f} vs random {r0['frechet']:.1f}; "
             f"precision {h['precision']:.3f} vs {r0['precision']:.3f}; recall "
@@ -878,22 +991,11 @@ def sampling_section(r: dict) -> tuple[list[str], plt.Figure]:
     return lines, fig
 
 
-def _interpolate(curve: list[dict], key: str, value: float, target: str) -> float | None:
-    """``target`` of the truncation curve where ``key`` equals ``value`` (linear, between
-    neighbouring psi values), or None outside the measured range."""
-    for a, b in itertools.pairwise(curve):
-        lo, hi = sorted((a[key], b[key]))
-        if lo <= value <= hi and a[key] != b[key]:
-            w = (value - a[key]) / (b[key] - a[key])
-            return a[target] + w * (b[target] - a[target])
-    return None
-
-
 def _verdict_lines(r0, noise, hub_rows, trunc, by) -> list[str]:
     better = [h for h in hub_rows if r0["frechet"] - h["frechet"] > noise["frechet"]]
     less_loss = []
     for h in hub_rows:
-        m = _interpolate(trunc, "precision", h["precision"], "recall")
+        m = interpolate_curve(trunc, "precision", h["precision"], "recall")
         if m is not None and h["recall"] - m > noise["recall"]:
             less_loss.append(h)
 
@@ -929,6 +1031,176 @@ def _verdict_lines(r0, noise, hub_rows, trunc, by) -> list[str]:
     return [text, ""]
 
 
+def _significant(d: dict) -> bool:
+    """A paired difference counts when its mean exceeds twice its standard error over the
+    seeds (with 3 seeds a rough rule; every seed's difference is in the JSON)."""
+    return len(d["diffs"]) > 1 and abs(d["mean"]) > 2 * d["se"]
+
+
+def _pm(mean: float, sd: float, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def study_claims(r: dict) -> dict[str, Any]:
+    """Per hub row of a 3-seed study, the claims of ``hub_prior_claims`` judged on the means
+    over the seeds; a difference counts beyond twice its standard error over the seeds (paired
+    by seed for Fréchet and precision; the hub row's recall error for truncation)."""
+    summary = r["summary"]
+    by = {s["prior"]: s for s in summary}
+    pairs = {(d["prior"], d["baseline"]): d for d in r["paired"]}
+    trunc = sorted((s for s in summary if s["family"] == "truncation"), key=lambda s: s["value"])
+    rand = by["random N(0, I)"]
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for h in (s for s in summary if s["family"] == "hub"):
+        vs_random = pairs[(h["prior"], "random N(0, I)")]
+        noise = {key: 2 * vs_random[key]["se"] for key in ("frechet", "precision")}
+        noise["recall"] = 2 * h["recall_sd"] / math.sqrt(len(h["seeds"]))
+        claims = hub_prior_claims(h, rand, trunc, noise)
+        control = LatentPrior("matched", h["value"], k=h["k"]).label
+        if control in by:
+            vs_control = pairs[(h["prior"], control)]
+            control_noise = {key: 2 * vs_control[key]["se"] for key in ("frechet", "precision")}
+            claims.append(
+                hub_prior_claims(h, rand, trunc, control_noise | {"recall": 0.0}, by[control])[2]
+            )
+        out[h["prior"]] = claims
+    return {"claims": out, "random": rand}
+
+
+def claim_holds(claims: dict[str, list[tuple[str, str, str]]]) -> list[str]:
+    """The hub rows for which both parts of the claim hold: better than random latents, and
+    more recall than truncation at the same precision."""
+    return [p for p, c in claims.items() if c[0][1] == "holds" and c[1][1] == "holds"]
+
+
+def study_section(r: dict, number: int, title: str, out: Path, stem: str) -> list[str]:
+    from kexue.experiments.hub_prior import families_figure
+
+    g = r["generator"]
+    summary = r["summary"]
+    claims = study_claims(r)
+    rand = claims["random"]
+    if g["name"] == "mnist-gan":
+        made = (
+            f'`DigitGenerator.from_pretrained("mnist-gan")` (z in R^{r["latent_shape"][0]}, '
+            f"{g.get('step')} training steps: `{g.get('command')}`)"
+        )
+    else:
+        made = (
+            f"the shipped `mnist5k` diffusion model run as DDIM (eta = 0, K = {g['steps']}) from "
+            f"z in R^784 (training step {g.get('step')})"
+        )
+    lines = [
+        f"## {number}. {title}",
+        "",
+        f"Command: `{r['command']}` ({_load(r)}). Generator: {made}. {r['n']:,} images per row "
+        f"and seed, seeds {', '.join(map(str, r['seeds']))}; hub rows search pools of "
+        f"{r['pool_size']:,} candidates (`HubPriorSampler(k, threshold)`); the norm-matched "
+        "control takes other random directions and gives each the norm of a hub latent of the "
+        "same row and seed; truncation conditions every coordinate on |z_i| <= psi. Scores: "
+        "`DigitEvaluator` (Fréchet distance of classifier features to the 1,000 held-out "
+        "digits, k-NN precision and recall with k = 3, mean confidence). Each cell: mean ± "
+        f"standard deviation over the seeds; 'bootstrap' is the mean standard deviation of the "
+        f"Fréchet distance over {r['bootstrap']} resamples of one row's generated features.",
+        "",
+        f"Recognisability of plain N(0, I) samples: mean classifier confidence "
+        f"**{_pm(rand['confidence'], rand['confidence_sd'], 3)}**, predicted-label entropy "
+        f"{rand['label_entropy']:.3f} (log 10 = 2.303 is perfectly balanced), Fréchet distance "
+        f"{_pm(rand['frechet'], rand['frechet_sd'], 1)}.",
+        "",
+    ]
+    rows = [
+        [
+            s["prior"],
+            s["latent_norm"],
+            _pm(s["frechet"], s["frechet_sd"], 1),
+            s["frechet_bootstrap_sd"],
+            _pm(s["precision"], s["precision_sd"], 3),
+            _pm(s["recall"], s["recall_sd"], 3),
+            _pm(s["confidence"], s["confidence_sd"], 3),
+            s.get("candidates_per_latent", 1.0),
+            s["seconds_per_latent"] * 1e3,
+        ]
+        for s in summary
+    ]
+    headers = ["latents", "mean norm of z", "Fréchet", "bootstrap", "precision", "recall",
+               "confidence", "candidates per kept latent", "ms per latent"]  # fmt: skip
+    lines += [markdown_table(Table("", headers, rows)), ""]
+    paired = [
+        [
+            d["prior"],
+            d["baseline"],
+            _pm(d["frechet"]["mean"], d["frechet"]["se"], 2),
+            _pm(d["precision"]["mean"], d["precision"]["se"], 4),
+            _pm(d["recall"]["mean"], d["recall"]["se"], 4),
+            "yes" if any(_significant(d[k]) for k in ("frechet", "precision", "recall")) else "no",
+        ]
+        for d in r["paired"]
+        if d["prior"] != d["baseline"]
+    ]
+    lines += [
+        "Paired differences (row minus baseline, same seed; mean ± standard error over the "
+        "seeds; a difference counts when the mean exceeds twice its standard error):",
+        "",
+        markdown_table(
+            Table("", ["row", "baseline", "Δ Fréchet", "Δ precision", "Δ recall", "counts"], paired)
+        ),
+        "",
+    ]
+    fig = families_figure(summary, f"{title}: mean over seeds, bars = seed sd")
+    fig.savefig(out / f"{stem}-quality-diversity.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    rand_ms = rand["seconds_per_latent"] * 1e3
+    costs = [s for s in summary if s["family"] == "hub"]
+    cheapest = min(costs, key=lambda s: s["seconds_per_latent"]) if costs else None
+    dearest = max(costs, key=lambda s: s["seconds_per_latent"]) if costs else None
+    lines += [
+        f"![quality against diversity]({stem}-quality-diversity.png)",
+        "",
+        f"![samples]({stem}-samples.png)",
+        "",
+    ]
+    if cheapest is not None:
+        lines += [
+            f"Cost: a random latent takes {rand_ms:.4f} ms to draw; a hub latent from "
+            f"{cheapest['seconds_per_latent'] * 1e3:.2f} ms ({cheapest['prior']}, "
+            f"{cheapest['candidates_per_latent']:.0f} candidates searched per kept latent) to "
+            f"{dearest['seconds_per_latent'] * 1e3:.2f} ms ({dearest['prior']}, "
+            f"{dearest['candidates_per_latent']:.0f} candidates), measured on this CPU. The "
+            "norm-matched rows cost the same search (they reuse it for their norms).",
+            "",
+        ]
+
+    holds = claim_holds(claims["claims"])
+    lines += [
+        "**Does the claim hold on this generator?** Each hub row's three parts, judged on the "
+        "means over the seeds (a difference counts beyond twice its standard error over the "
+        "seeds, paired by seed):",
+        "",
+        markdown_table(
+            Table(
+                "",
+                ["hub row", "part of the claim", "status", "numbers"],
+                [
+                    [prior, text.split(": ", 1)[1], status, key]
+                    for prior, parts in claims["claims"].items()
+                    for text, status, key in parts
+                ],
+            )
+        ),
+        "",
+        (
+            f"**The claim holds here** for {', '.join(holds)}: better than random latents and "
+            "more diverse than truncation at the same precision."
+            if holds
+            else "**The claim does not hold here**: no hub row is both better than random "
+            "latents and more diverse than truncation at the same precision."
+        ),
+        "",
+    ]
+    return lines
+
+
 def gpu_section(r: dict) -> list[str]:
     rows = [
         [t["n"], t["gram_seconds"], t["kexue_seconds"], t["kexue_seconds"] / t["gram_seconds"]]
@@ -959,6 +1231,51 @@ def gpu_section(r: dict) -> list[str]:
     ]
 
 
+def summary_lines(results: dict) -> list[str]:
+    """The page's answer to the hub prior's claim, per generator, from the stored parts."""
+    found = []
+    if "gan" in results:
+        gan = study_claims(results["gan"])
+        holds = claim_holds(gan["claims"])
+        rand = gan["random"]
+        found.append(
+            f"**GAN latents** (section 5, {results['gan']['n']:,} images x "
+            f"{len(results['gan']['seeds'])} seeds per row; random-latent Fréchet distance "
+            f"{_pm(rand['frechet'], rand['frechet_sd'], 1)}, confidence "
+            f"{rand['confidence']:.3f}): "
+            + (f"the claim **holds** for {', '.join(holds)}." if holds else "the claim "
+               "**does not hold** for any hub row.")
+        )  # fmt: skip
+    if "ddim" in results:
+        holds = claim_holds(study_claims(results["ddim"])["claims"])
+        found.append(
+            "**DDIM latents** (section 6): "
+            + (f"the claim **holds** for {', '.join(holds)}." if holds else "the claim "
+               "**does not hold** for any hub row.")
+        )  # fmt: skip
+    elif "sampling" in results:
+        r = results["sampling"]
+        holds = claim_holds(sampling_claims(r))
+        rand = [row for row in r["rows"] if row["kind"] == "random"]
+        fd = [row["frechet"] for row in rand]
+        found.append(
+            f"**DDIM latents** (section 3: the shipped diffusion model, K = {r['steps']}, "
+            f"{r['n']:,} images per row, one seed per hub row, {len(rand)} random seeds as the "
+            f"noise floor; random-latent Fréchet distance {statistics.mean(fd):.1f} ± "
+            f"{statistics.stdev(fd):.1f}, confidence "
+            f"{statistics.mean(row['confidence'] for row in rand):.3f}): "
+            + (f"the claim **holds** for {', '.join(holds)}." if holds else "the claim "
+               "**does not hold** for any hub row.")
+            + " The 3-seed study of section 5 was not rerun on DDIM: at about 22 s per 1,000 "
+            "images it needs 15 priors x 3 seeds x 22 s = 17 minutes of a quiet 2-core CPU "
+            "(`--plan ddim`), which this round could not spare; section 3's numbers are from "
+            "the committed JSON."
+        )  # fmt: skip
+    if not found:
+        return []
+    return ["## Does the hub prior's claim hold?", "", *(f"- {line}" for line in found), ""]
+
+
 def render(results: dict, out: Path) -> str:
     """The page from ``results`` (every stored part) alone; the quality-diversity figure is
     redrawn from the numbers, the sample grids were drawn when the part was measured."""
@@ -973,6 +1290,7 @@ def render(results: dict, out: Path) -> str:
         "below reproduces it (`GPU_OUT` is the folder the `gpu` part wrote its exact 1M "
         "neighbour lists to, 20 MB, not committed).",
         "",
+        *summary_lines(results),
     ]
     if "knn" in results:
         lines += knn_section(results["knn"])
@@ -985,6 +1303,15 @@ def render(results: dict, out: Path) -> str:
         lines += more
     if "gpu" in results:
         lines += gpu_section(results["gpu"])
+    if "gan" in results:
+        lines += study_section(
+            results["gan"], 5, "The hub prior on GAN latents (the paper's setting)", out,
+            "hubness-gan",
+        )  # fmt: skip
+    if "ddim" in results:
+        lines += study_section(
+            results["ddim"], 6, "The same comparison on DDIM latents", out, "hubness-ddim"
+        )
     return "\n".join(lines)
 
 
@@ -997,6 +1324,8 @@ def _measure_part(part: str, quick: bool, args: argparse.Namespace) -> dict[str,
         result = part_large(quick, quick or args.skip_1m, args.exact_1m)
     elif part == "sampling":
         result = part_sampling(quick, args.out)
+    elif part in ("gan", "ddim"):
+        result = part_study(part, quick, args.out)
     else:
         result = part_gpu(quick, args.out)
     result["wall_seconds"] = time.perf_counter() - t0
@@ -1015,7 +1344,7 @@ def measure(plan: str, args: argparse.Namespace) -> dict[str, Any]:
         imported = json.loads(args.import_json.read_text())
         results.update({key: imported[key] for key in PARTS if key in imported})
     quick = plan == "smoke"
-    parts = ["knn", "large", "sampling"] if plan in ("smoke", "default") else [plan]
+    parts = ["knn", "large", "sampling", "gan"] if plan in ("smoke", "default") else [plan]
     for part in parts:
         results[part] = _measure_part(part, quick, args)
         print(f"[{part}] done in {results[part]['wall_seconds']:.0f} s", flush=True)

@@ -30,9 +30,14 @@ def test_hubness_smoke_plan(tmp_path):
     _bench("--plan", "smoke", "--out", str(tmp_path))
     results = json.loads((tmp_path / "hubness.json").read_text())
     assert results["plan"] == "smoke"
-    assert {"knn", "large", "sampling"} <= set(results)
+    assert {"knn", "large", "sampling", "gan"} <= set(results)
+    gan = results["gan"]
+    assert len(gan["rows"]) == len(gan["summary"]) * len(gan["seeds"])
     page = (tmp_path / "hubness.md").read_text()
     assert "## 1. Exact k-occurrence" in page and "## 3. Hub-prior latents" in page
-    assert (tmp_path / "hubness-quality-diversity.png").stat().st_size > 0
+    assert "## 5. The hub prior on GAN latents" in page
+    assert "## Does the hub prior's claim hold?" in page and "**GAN latents**" in page
+    for name in ("quality-diversity", "gan-quality-diversity", "gan-samples"):
+        assert (tmp_path / f"hubness-{name}.png").stat().st_size > 0
     _bench("--plan", "smoke", "--out", str(tmp_path), "--render-only")
     assert (tmp_path / "hubness.md").read_text() == page

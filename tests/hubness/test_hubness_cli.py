@@ -44,6 +44,19 @@ def test_latents_are_written_and_reach_the_threshold(tmp_path, capsys):
     assert np.load(out_file).shape == (12, 16)
 
 
+def test_train_gan_writes_a_loadable_generator_and_its_command(tmp_path, capsys, one_thread):
+    from kexue.hubness import DigitGenerator
+
+    argv = ["hubness", "train-gan", str(tmp_path / "run"), "--steps", "2", "--no-progress"]
+    code, out, _ = run_cli(argv, capsys)
+    assert code == 0 and "trained to step 2" in out
+    gan = DigitGenerator.from_pretrained(tmp_path / "run" / "generator")
+    assert gan.training_info["step"] == 2
+    assert gan.training_info["command"].startswith("kexue hubness train-gan")
+    code, out, _ = run_cli([*argv[:3], "--resume", "--steps", "3", "--no-progress"], capsys)
+    assert code == 0 and "trained to step 3" in out
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
@@ -52,11 +65,12 @@ def test_latents_are_written_and_reach_the_threshold(tmp_path, capsys):
         (["hubness", "score", "{x}", "--k", "400"], "k=400 is too large"),
         (["hubness", "latents", "z.txt"], "must end in .npy or .pt"),
         (["hubness", "latents", "{z}", "--threshold", "20000"], "can never be met"),
+        (["hubness", "train-gan", "{run}", "--resume"], "holds no GAN checkpoint"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, argv, fragment, capsys):
     np.save(tmp_path / "x.npy", np.ones((300, 2), dtype=np.float32).cumsum(0))
-    argv = [a.format(x=tmp_path / "x.npy", z=tmp_path / "z.npy") for a in argv]
+    argv = [a.format(x=tmp_path / "x.npy", z=tmp_path / "z.npy", run=tmp_path) for a in argv]
     code, out, err = run_cli(argv, capsys)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()

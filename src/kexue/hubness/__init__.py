@@ -1,9 +1,11 @@
 """Hubness measures and hub-prior latent sampling (guide: ``docs/guides/hubness.md``).
 
 ``knn`` (exact torch, faiss exact/approximate) -> ``k_occurrence`` -> the measures of its
-distribution (``Hubness`` estimator)) and ``HubPriorSampler`` for latent generators.
+distribution (``Hubness`` estimator), ``HubPriorSampler`` for latent generators, and the small
+digit GAN the hub prior is tested on (``DigitGenerator.from_pretrained("mnist-gan")``).
 """
 
+from kexue.hubness.gan import DigitDiscriminator, DigitGenerator, GANTrainConfig, train_gan
 from kexue.hubness.knn import Neighbors, knn, neighbor_recall
 from kexue.hubness.measures import (
     MEASURES,
@@ -24,6 +26,9 @@ from kexue.hubness.sampling import HubPriorSampler, truncated_normal_latents
 
 __all__ = [
     "MEASURES",
+    "DigitDiscriminator",
+    "DigitGenerator",
+    "GANTrainConfig",
     "HubPriorSampler",
     "Hubness",
     "HubnessScores",
@@ -41,6 +46,7 @@ __all__ = [
     "neighbor_recall",
     "occurrence_counts",
     "robin_hood_index",
+    "train_gan",
     "truncated_normal_latents",
 ]
 

@@ -122,3 +122,38 @@ def latents(
         f"{n} latents -> {out} ({sampler.rounds_} rounds, acceptance "
         f"{sampler.acceptance_rate_:.2%}, mean hub value {sampler.hub_values_.double().mean():.1f})"
     )
+
+
+@app.command("train-gan")
+def train_gan_command(
+    out: Annotated[Path, typer.Argument(help="Run folder (checkpoints, final generator).")],
+    steps: Annotated[int, typer.Option(min=1, help="Training steps (batches of 64).")] = 10_000,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the weights and every draw.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue OUT from its latest checkpoint.")] = False,
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: default).")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train the digit GAN on mnist5k's 4,000 training digits (hub-prior experiments)."""
+    import shlex
+
+    import torch
+
+    from kexue.hubness.gan import GANTrainConfig, train_gan
+
+    if threads:
+        torch.set_num_threads(threads)
+    command = f"kexue hubness train-gan {shlex.quote(str(out))} --steps {steps}" + (
+        " --resume" if resume else f" --seed {seed}"
+    )
+    try:
+        generator = train_gan(
+            out,
+            None if resume else GANTrainConfig(steps=steps, seed=seed),
+            resume=resume,
+            steps=steps if resume else None,
+            progress=progress,
+            command=command,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="OUT / --resume") from None
+    typer.echo(f"trained to step {generator.training_info['step']}: {out / 'generator'}")
