@@ -59,5 +59,7 @@ def test_claims_follow_from_the_numbers():
     assert statuses(0.5, 0.2, 0.92)[2] == "holds"  # LST above full fine-tuning
     claims = section_claims(_numbers(0.33, 0.15, 0.898, 0.911))
     assert claims[0].key_number == "0.33x full fine-tuning's peak training memory"
-    assert claims[2].key_number == "89.8% vs 91.1% (+1.3 points below)"
+    assert claims[2].key_number == "89.8% vs 91.1% (1.3 points below)"
+    above = section_claims(_numbers(0.33, 0.15, 0.906, 0.901))[2]
+    assert above.status == "holds" and above.key_number == "90.6% vs 90.1% (0.5 points above)"
     assert claims[3].key_number == "1.40% of full fine-tuning's"

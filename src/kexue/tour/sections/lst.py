@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -76,7 +77,8 @@ def section_claims(numbers: dict) -> list[Claim]:
             f"LST's accuracy is within {PAPER_ACCURACY_GAP:g} point of full fine-tuning's "
             "(the paper: about 1 GLUE point below)",
             graded(gap <= PAPER_ACCURACY_GAP, gap <= 3 * PAPER_ACCURACY_GAP),
-            f"{100 * lst_acc:.1f}% vs {100 * full_acc:.1f}% ({gap:+.1f} points below)",
+            f"{100 * lst_acc:.1f}% vs {100 * full_acc:.1f}% ({abs(gap):.1f} points "
+            + ("below)" if gap >= 0 else "above)"),
         ),
         Claim(
             "LST trains a small side network: the share of trained parameters",
@@ -134,7 +136,7 @@ def run(ctx: SectionContext) -> Section:
     with tempfile.TemporaryDirectory(prefix="kexue-lst-") as tmp:
         folder = Path(tmp)
         sizes = write_vader_split(folder, ctx.seed, TRAIN, TEST)
-        base = {
+        base: dict[str, Any] = {  # RunSpec's fields (mixed types)
             "backbone": minilm_path(),
             "train": str(folder / "train.tsv"),
             "eval": str(folder / "test.tsv"),
