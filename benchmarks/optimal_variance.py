@@ -17,6 +17,7 @@ page, ~20 min on 2 CPU cores), ``claims`` (the K = 10 claims at n = 1,000, ~12 m
 stated on the page.
 
     python benchmarks/optimal_variance.py [--plan ...] [--moments DIR] [--device cuda]
+    python benchmarks/optimal_variance.py --render-only [--plan claims]   (page from its JSON)
 """
 
 from __future__ import annotations

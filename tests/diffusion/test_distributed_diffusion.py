@@ -86,3 +86,19 @@ def test_results_do_not_depend_on_the_batch_size(one_process) -> None:
                   generator=torch.Generator().manual_seed(3), progress=False)  # fmt: skip
     torch.testing.assert_close(nll.bpd_per_image, one_process["nll.large.per_image"],
                                rtol=1e-12, atol=0)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_plan(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "distributed.py"), "--plan",
+                           "smoke", "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    runs = json.loads((tmp_path / "distributed.json").read_text())["runs"]
+    assert [r["processes"] for r in runs] == [1, 2]
+    assert runs[1]["gamma_max_abs_diff"] < 1e-12 and runs[1]["bpd_abs_diff"] < 1e-12
+    assert "Not run: GPUs" in (tmp_path / "distributed.md").read_text()
