@@ -154,8 +154,10 @@ NOISE = {"frechet": 2.0, "precision": 0.01, "recall": 0.02}
 
 
 def test_interpolated_truncation_recall():
-    # precision 0.90 is half way between the two psi values: recall half way, 0.50
+    # precision 0.90 is half way between the two psi values: recall half way, 0.50; 0.93
+    # is a fifth of the way from psi = 1 (0.95) to psi = 2 (0.85): 0.30 + 0.2 * 0.40
     assert interpolate_curve(TRUNCATION, "precision", 0.90, "recall") == pytest.approx(0.5)
+    assert interpolate_curve(TRUNCATION, "precision", 0.93, "recall") == pytest.approx(0.38)
     assert interpolate_curve(TRUNCATION, "precision", 0.97, "recall") is None
 
 
