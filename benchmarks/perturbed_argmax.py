@@ -346,10 +346,10 @@ def render(results: dict[str, Any], out: Path) -> str:
         "",
         machine_line(results["machine"]) + "  ",
         f"Command: `{results['command']}` ({results['date']}, plan `{results['plan']}`, "
-        f"{results['seconds']:.0f} s in all, {results['threads']} torch thread; "
+        f"{results['seconds']:.0f} s in all, torch threads: {results['threads']}; "
         + (
             "run without the benchmark lock"
-            if "--no-lock" in results["command"]
+            if "--no-lock" in results["command"] or results["plan"] == "smoke"
             else "under the benchmark lock"
         )
         + "; other processes shared the machine, see the load average).",
