@@ -10,8 +10,9 @@ all from the same initial noise, at K = 5, 10, 20 model calls:
 2. convergence: RMS distance of each deterministic sampler's output to a 1,000-step DDIM
    solution of the same ODE from the same noise, against K (fewer samples).
 
-Plans: ``smoke`` (seconds), ``default`` (what 2 loaded CPU cores afford in about 30 minutes:
-the sample counts are on the page) and ``large`` (an accelerator, ``--device cuda``: 1,000
+Plans: ``smoke`` (seconds), ``default`` (what one core of a loaded 2-core CPU affords in
+about 30 minutes: 64 samples per row at K = 5 and 10, 2 convergence samples; the counts are on
+the page) and ``large`` (an accelerator, ``--device cuda``: 1,000
 samples per row, K = 50 too, 64 convergence samples).
 
     python benchmarks/few_step.py [--plan smoke|default|large] [--device cuda]
@@ -44,7 +45,7 @@ from kexue.experiments.diffusion import (
 PLANS: dict[str, dict[str, Any]] = {
     "smoke": {"n": 8, "Ks": (2, 3), "conv_n": 2, "conv_Ks": (2, 4), "ref_steps": 20,
               "boot": 3, "real_n": 8},
-    "default": {"n": 64, "Ks": (5, 10, 20), "conv_n": 4, "conv_Ks": (5, 10, 20, 50),
+    "default": {"n": 64, "Ks": (5, 10), "conv_n": 2, "conv_Ks": (5, 10, 20),
                 "ref_steps": 1000, "boot": 50, "real_n": 64},
     "large": {"n": 1000, "Ks": (5, 10, 20, 50), "conv_n": 64, "conv_Ks": (5, 10, 20, 50),
               "ref_steps": 1000, "boot": 200, "real_n": 1000},
@@ -131,14 +132,14 @@ def goals(results: dict[str, Any]) -> list[str]:
         if not any(k == K for _, k in by):
             continue
         kexue = min(KEXUE_FEW_STEP, key=lambda n: by[(n, K)]["frechet"])
-        peer = min(("DPM-Solver++ 2M", "DPM-Solver++ 3M", "UniPC"),
-                   key=lambda n: by[(n, K)]["frechet"])  # fmt: skip
+        peer = min(PEER_FEW_STEP, key=lambda n: by[(n, K)]["frechet"])
         a, b = by[(kexue, K)], by[(peer, K)]
         met = a["frechet"] <= b["frechet"]
         lines.append(
             f"K = {K}: kexue's best is {kexue} at {a['frechet']:.1f} ± {a['frechet_se']:.1f}, "
-            f"the best of DPM-Solver++/UniPC is {peer} at {b['frechet']:.1f} ± "
-            f"{b['frechet_se']:.1f}: goal (at or below) **{'met' if met else 'not met'}**"
+            f"the best of DPM-Solver++ (2M, 3M, 2M SDE) and UniPC is {peer} at "
+            f"{b['frechet']:.1f} ± {b['frechet_se']:.1f}: goal (at or below) "
+            f"**{'met' if met else 'not met'}**"
             + ("" if abs(a["frechet"] - b["frechet"]) > 2 * max(a["frechet_se"], b["frechet_se"])
                else " (within two bootstrap errors: not resolved at this sample size)")
         )  # fmt: skip
@@ -152,7 +153,8 @@ def goals(results: dict[str, Any]) -> list[str]:
         f"Time per step, DPM-Solver-v3 / DDIM (same K, wall time of the whole run incl. the "
         f"per-trajectory plan): {', '.join(f'{r:.2f}x' for r in ratios)} at K = "
         f"{', '.join(map(str, results['config']['Ks']))}: goal (within 1.1x) "
-        f"**{'met' if worst <= 1.1 else 'not met'}**"
+        f"**{'met' if worst <= 1.1 else 'not met'}** (one run per row on a shared machine: "
+        "indicative only, see the load average above)"
     )
     return lines
 
@@ -171,8 +173,16 @@ def render(results: dict[str, Any], out: Path) -> str:
         "and shared 2 loaded CPU cores, so Fréchet distances are biased upwards by the small "
         "sample and their bootstrap errors are large: compare rows, not pages), the same initial "
         f"noise for every row; {cfg['real_n']} real training digits score "
-        f"{results['real']['frechet']:.1f}. The `large` plan (`--plan large --device cuda`) runs "
-        "1,000 samples per row and K = 50 too.",
+        f"{results['real']['frechet']:.1f}. "
+        + (
+            f"Not run in this plan (CPU time): K = "
+            f"{', '.join(str(k) for k in (5, 10, 20, 50) if k not in cfg['Ks'])} in the quality "
+            "tables. "
+            if set(cfg["Ks"]) != {5, 10, 20, 50}
+            else ""
+        )
+        + "The `large` plan (`--plan large --device cuda`) runs 1,000 samples per row at K = 5, "
+        "10, 20 and 50.",
         "",
         "Rows: kexue's `sample` with `eta = 1` (DDPM) and `eta = 0` (DDIM) on even, quadratic or "
         'trailing steps, `solver="dpm-solver-v3"` with the shipped statistics '
