@@ -115,6 +115,7 @@ def _plot(results: dict[str, Any], out: Path) -> str:
            ylabel=f"RMS distance to the {cfg['ref_steps']}-step DDIM solution",
            title=f"Convergence to the ODE ({cfg['conv_n']} samples, same noise)")  # fmt: skip
     ax.set_xticks(cfg["conv_Ks"], [str(k) for k in cfg["conv_Ks"]])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
