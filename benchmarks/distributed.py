@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,7 @@ def free_port() -> int:
 
 def measure(plan: str, args) -> dict[str, Any]:
     settings = PLANS[plan]
-    work = Path(args.out) / "distributed-runs"
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="kexue-distributed-"))  # the workers' result files
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     runs = []
