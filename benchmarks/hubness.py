@@ -1265,6 +1265,7 @@ def summary_lines(results: dict) -> list[str]:
         holds = claim_holds(sampling_claims(r))
         rand = [row for row in r["rows"] if row["kind"] == "random"]
         fd = [row["frechet"] for row in rand]
+        gen_s = statistics.mean(row["generate_seconds"] for row in r["rows"])
         found.append(
             f"**DDIM latents** (section 3: the shipped diffusion model, K = {r['steps']}, "
             f"{r['n']:,} images per row, one seed per hub row, {len(rand)} random seeds as the "
@@ -1273,10 +1274,11 @@ def summary_lines(results: dict) -> list[str]:
             f"{statistics.mean(row['confidence'] for row in rand):.3f}): "
             + (f"the claim **holds** for {', '.join(holds)}." if holds else "the claim "
                "**does not hold** for any hub row.")
-            + " The 3-seed study of section 5 was not rerun on DDIM: at about 22 s per 1,000 "
-            "images it needs 15 priors x 3 seeds x 22 s = 17 minutes of a quiet 2-core CPU "
-            "(`--plan ddim`), which this round could not spare; section 3's numbers are from "
-            "the committed JSON."
+            + f" The 3-seed study of section 5 was not run on DDIM (`--plan ddim`): at about "
+            f"{gen_s:.0f} s per 1,000 images it needs {len(study_priors(False))} priors x 3 "
+            f"seeds, about {len(study_priors(False)) * 3 * gen_s / 60:.0f} minutes of a quiet "
+            "2-core CPU, which this round's shared machine (load 10-16) could not give; "
+            "section 3's numbers are reused from its committed run."
         )  # fmt: skip
     if not found:
         return []
