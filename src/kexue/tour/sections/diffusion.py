@@ -4,6 +4,7 @@ few model calls (DDIM, UniPC, DPM-Solver-v3) side by side."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import matplotlib.pyplot as plt
 import torch
@@ -20,6 +21,9 @@ from kexue.experiments.diffusion import (
 from kexue.tour.report import Claim, Section, Table
 from kexue.tour.runner import SectionContext
 
+if TYPE_CHECKING:
+    from kexue.diffusion.schedule import NoiseSchedule
+
 TITLE = "Diffusion models: DDPM, DDIM and few-step solvers (kexue.diffusion)"
 N_SCORED = 200  # per sampler and K
 N_FEW = 100  # per few-step sampler and K
@@ -32,14 +36,14 @@ def strip_figure(rows: Sequence[tuple[str, torch.Tensor]], nrow: int, width: flo
     """One titled image grid per row, each as wide as the figure and as tall as its grid (no
     empty bands between rows)."""
     grids = [image_grid(images, nrow=nrow) for _, images in rows]
-    heights = [width * g.shape[0] / g.shape[1] + 0.3 for g in grids]  # + title
-    fig, axes = plt.subplots(len(rows), 1, figsize=(width, sum(heights)),
+    heights = [width * g.shape[0] / g.shape[1] for g in grids]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(width, sum(heights) + 0.4 * len(rows)),
                              gridspec_kw={"height_ratios": heights})  # fmt: skip
     for ax, (label, _), grid in zip(axes, rows, grids, strict=True):
         ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
         ax.set_title(label, fontsize=10, loc="left")
         ax.axis("off")
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.97, bottom=0.01, hspace=0.25)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.97, bottom=0.01, hspace=0.3)
     return fig
 
 
@@ -52,6 +56,7 @@ def _grid_figure(ctx: SectionContext, model, schedule, gen: torch.Generator):
         images = sample(
             model, schedule, (n, 1, 28, 28), steps=steps, eta=eta, generator=gen, progress=False
         )
+        assert isinstance(images, torch.Tensor)  # no trajectory asked for
         drawn.append((label, images))
     fig = strip_figure(drawn, nrow=8)
     return ctx.save_figure(
@@ -85,7 +90,9 @@ def _rebuild_figure(ctx: SectionContext, model, schedule, digits: torch.Tensor, 
 def _few_step_figure(ctx: SectionContext, grids: Mapping[tuple[str, int], torch.Tensor]):
     """K = 5 and K = 10 grids of DDIM, UniPC and DPM-Solver-v3 from the same noise, one panel
     each (rows: K; columns: samplers)."""
-    fig, axes = plt.subplots(len(FEW_KS), len(FEW_SAMPLERS), figsize=(9.6, 3.4 * len(FEW_KS)))
+    first = image_grid(grids[(FEW_SAMPLERS[0], FEW_KS[0])], nrow=4)
+    panel = 3.2 * first.shape[0] / first.shape[1] + 0.4  # as tall as a grid, plus its title
+    fig, axes = plt.subplots(len(FEW_KS), len(FEW_SAMPLERS), figsize=(9.6, panel * len(FEW_KS)))
     for r, K in enumerate(FEW_KS):
         for c, name in enumerate(FEW_SAMPLERS):
             ax = axes[r, c]
@@ -139,7 +146,8 @@ def section_claims(numbers: Mapping[str, float]) -> list[Claim]:
 
 def run(ctx: SectionContext) -> Section:
     model = shipped_model()
-    schedule, info = model.schedule, model.info
+    # the shipped model carries its schedule
+    schedule, info = cast("NoiseSchedule", model.schedule), model.info
     gen = torch.Generator().manual_seed(ctx.seed)
     ctx.step("sample grids", total=4 + 1 + 3 + 1)
     grids = _grid_figure(ctx, model, schedule, gen)
@@ -149,7 +157,7 @@ def run(ctx: SectionContext) -> Section:
     rebuild = _rebuild_figure(ctx, model, schedule, data.heldout[:9], gen)
     ctx.advance()
     evaluator = DigitEvaluator(reference=data.heldout)
-    rows = []
+    rows: list[list[Any]] = []  # sampler, K, quality numbers
     for name, K, eta in (("DDPM", 10, 1.0), ("DDIM", 10, 0.0), ("DDIM", 25, 0.0)):
         ctx.step(f"scoring {N_SCORED} samples: {name}, K = {K}")
         images = sample(
@@ -161,6 +169,7 @@ def run(ctx: SectionContext) -> Section:
             generator=gen,
             progress=False,
         )
+        assert isinstance(images, torch.Tensor)  # no trajectory asked for
         rows.append([name, K, *quality_row(evaluator, images)])
         ctx.advance()
     real = quality_row(evaluator, data.train[:N_SCORED])
@@ -175,6 +184,7 @@ def run(ctx: SectionContext) -> Section:
     ctx.step(f"few-step samplers: {N_FEW} samples each at K = {FEW_KS}")
     statistics = SolverStatistics.from_pretrained("mnist5k")
     x_T = torch.randn((N_FEW, *IMAGE_SHAPE), generator=torch.Generator().manual_seed(ctx.seed + 1))
+    few_rows: list[list[Any]]  # sampler, K, quality numbers
     few_rows, few_grids = [], {}
     for K in FEW_KS:
         for name in ("DDIM even", *FEW_SAMPLERS) if K == 5 else FEW_SAMPLERS:
@@ -191,7 +201,7 @@ def run(ctx: SectionContext) -> Section:
     few_figure = _few_step_figure(ctx, few_grids)
     ctx.advance()
 
-    numbers = {
+    numbers: dict[str, Any] = {
         f"{r[0]} K={r[1]} {h}": v
         for r in rows + few_rows
         for h, v in zip(table.headers[2:], r[2:], strict=True)
