@@ -21,6 +21,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks .ci
 	$(BIN)/ruff format --check src tests benchmarks .ci
+	$(BIN)/mypy
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -29,7 +30,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 package-check: $(STAMP)
 	.ci/package-check

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,9 @@ def optimizer_from_flat(tensors: dict[str, Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(
-    run_dir: str | Path,
+    run_dir: str | os.PathLike,
     step: int,
-    tensors: dict[str, dict[str, Tensor]],
+    tensors: Mapping[str, Mapping[str, Tensor]],
     state: dict[str, Any],
     *,
     keep: int = 2,
@@ -113,7 +114,7 @@ def _prune(root: Path, keep: int, current: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The folder ``latest.json`` points to, or None when the run has no checkpoint yet."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest.json"

@@ -12,6 +12,7 @@ rounding. Without an initialised process group every function is the one-process
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,10 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def shard(items: Sequence[int] | Tensor | range) -> Sequence[int] | Tensor | range:
+_Sharded = TypeVar("_Sharded", Tensor, range, Sequence[int])
+
+
+def shard(items: _Sharded) -> _Sharded:
     """This process's share of ``items``: every ``world_size()``-th one from ``rank()``."""
     return items[rank() :: world_size()]
 

@@ -227,16 +227,16 @@ def sample_command(
         raise typer.BadParameter("must be >= 0", param_hint="--eta")
     shape = (n, model.config.in_channels, *hw)
     kept = schedule.trajectory(steps, spacing) if steps < schedule.T else None
-    spec = None if variance == "eta" else variance
+    spec: str | torch.Tensor | None = None if variance == "eta" else variance
     if variance.startswith("analytic"):
         from kexue.diffusion.data import load_images
         from kexue.diffusion.variance import optimal_variance
 
         try:
-            images = load_images(data)
+            data_images = load_images(data)
         except ValueError as err:
             raise typer.BadParameter(str(err), param_hint="--data") from None
-        stats = model_moments(model, images, shape[1:], moments, kept, moment_images,
+        stats = model_moments(model, data_images, shape[1:], moments, kept, moment_images,
                               torch.Generator().manual_seed(seed), progress=True)  # fmt: skip
         try:
             spec = optimal_variance(stats, schedule, kept, kind=variance, eta=eta, shape=shape[1:])
@@ -253,6 +253,7 @@ def sample_command(
         generator=torch.Generator().manual_seed(seed),
         clip_x0=clip_x0 or None,
     )
+    assert isinstance(images, torch.Tensor)  # no trajectory asked for
     save_image_grid(images, out)
     typer.echo(f"wrote {n} samples to {out}")
 
@@ -350,7 +351,7 @@ def nll_command(
     import torch
 
     from kexue.diffusion.data import load_images
-    from kexue.diffusion.likelihood import nll_bpd
+    from kexue.diffusion.likelihood import NLLResult, nll_bpd
     from kexue.diffusion.variance import optimal_trajectory, optimal_variance
 
     if variance not in VARIANCES:
@@ -383,16 +384,20 @@ def nll_command(
     if steps == schedule.T:
         kept = list(range(1, schedule.T + 1))
     elif trajectory == "optimal":
+        assert stats is not None  # need_moments
         kept = optimal_trajectory(stats, schedule, steps)
     else:
         kept = schedule.trajectory(steps, trajectory)
+    spec: torch.Tensor | str
     if variance.startswith("analytic"):
+        assert stats is not None  # need_moments
         spec = optimal_variance(stats, schedule, kept, kind=variance, eta=1.0,
                                 last_step="decoder", cap_second_last=None)  # fmt: skip
     else:
         spec = variance
     result = nll_bpd(model, schedule, held, steps=kept, variance=spec, generator=gen,
                      progress=progress)  # fmt: skip
+    assert isinstance(result, NLLResult)  # one variance, one result
     typer.echo(
         f"NLL bound {result.bpd:.4f} ± {result.standard_error:.4f} bits/dim on {len(held)} "
         f"held-out images (K={len(kept)}, {trajectory} trajectory, variance {variance}): prior "

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +155,7 @@ class VarianceHead(PretrainedMixin, nn.Module):
     pretrained_kind: ClassVar[str] = "kexue.diffusion.VarianceHead"
     pretrained_version: ClassVar[int] = 1
     pretrained_extra: ClassVar[str] = "diffusion"
+    history: list[float]  # the training losses, set by train_variance_head
 
     def __init__(
         self,
@@ -271,7 +272,7 @@ class VarianceHead(PretrainedMixin, nn.Module):
         return config, {"head": self.head.state_dict()}
 
     @classmethod
-    def from_pretrained(
+    def from_pretrained(  # type: ignore[override]  # takes only base=, not any **kwargs
         cls, name_or_path: str | os.PathLike, *, base: UNet | None = None
     ) -> VarianceHead:
         """Load a head saved by :meth:`save_pretrained` onto ``base`` (default: the model it
@@ -401,7 +402,7 @@ def train_variance_head(
     with torch.no_grad():  # start the bias at the mean target: the regression then starts at 0
         first = images[torch.randint(0, len(images), (batch_size,), generator=gen)].to(device)
         _, target = variance_head_loss(head, first, gen)
-        head.head.out.bias.fill_(float(target.mean()))
+        cast(Tensor, head.head.out.bias).fill_(float(target.mean()))  # bias=True
     optimizer = torch.optim.AdamW(head.head.parameters(), lr=lr, weight_decay=0.0)
     history: list[float] = []
     start = time.perf_counter()

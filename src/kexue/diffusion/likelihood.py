@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -215,7 +216,11 @@ def nll_bpd(
     shape = tuple(x0_all.shape[1:])
     kept = resolve_steps(schedule, steps, spacing)
     single = not isinstance(variance, Mapping)
-    specs = {"variance": variance} if single else dict(variance)
+    specs: dict[str, VarianceSpec] = (
+        {"variance": cast("VarianceSpec", variance)}
+        if single
+        else dict(cast("Mapping[str, VarianceSpec]", variance))
+    )
     if not specs:
         raise ValueError("variance must name at least one choice")
     tables = {name: _variance_table(v, schedule, kept, shape) for name, v in specs.items()}

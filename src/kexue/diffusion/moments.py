@@ -19,7 +19,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -166,8 +166,9 @@ class DiffusionMoments(PretrainedMixin):
         if mean is None:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         n = self.num_images
-        var = torch.clamp(sq - mean**2, min=0) * n / max(n - 1, 1)
-        return factor * torch.sqrt(var / n)
+        # sq and factor are tensors whenever mean is
+        var = torch.clamp(cast(Tensor, sq) - mean**2, min=0) * n / max(n - 1, 1)
+        return cast(Tensor, factor) * torch.sqrt(var / n)
 
     def bootstrap_standard_error(
         self, form: str, num_resamples: int = 200, generator: torch.Generator | None = None
@@ -261,7 +262,7 @@ class DiffusionMoments(PretrainedMixin):
             data_var=float(config["data_var"]),
             num_images=int(config["num_images"]),
             image_shape=tuple(config["image_shape"]),
-            data_range=tuple(float(v) for v in config["data_range"]),
+            data_range=cast("tuple[float, float]", tuple(float(v) for v in config["data_range"])),
             schedule_config=config["schedule"],
             info=config.get("info", {}),
             per_image=per_image or None,

@@ -306,6 +306,7 @@ class Trainer:
             progress=False,
             device=self.accelerator.device,
         )
+        assert isinstance(images, Tensor)  # no trajectory asked for
         return save_image_grid(images, self.out / "samples" / f"step-{self.step:08d}.png")
 
 

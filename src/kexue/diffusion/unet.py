@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,7 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
-        nn.init.zeros_(self.conv2.bias)
+        nn.init.zeros_(cast(Tensor, self.conv2.bias))  # bias=True
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -112,7 +112,7 @@ class Attention(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(cast(Tensor, self.out.bias))  # bias=True
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -197,14 +197,16 @@ class UNet(PretrainedMixin, nn.Module):
             nn.SiLU(),
             nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1),
         )
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
+        head_conv = cast(nn.Conv2d, self.head[-1])
+        nn.init.zeros_(head_conv.weight)
+        nn.init.zeros_(cast(Tensor, head_conv.bias))  # bias=True
 
     def time_embedding(self, t: Tensor) -> Tensor:
         if self.config.time_embedding == "learned":
             return self.time_mlp(self.time_table(t))
         emb = sinusoidal_embedding(t, self.config.channels)
-        return self.time_mlp(emb.to(self.time_mlp[0].weight.dtype))  # float64 models too
+        first = cast(nn.Linear, self.time_mlp[0])
+        return self.time_mlp(emb.to(first.weight.dtype))  # float64 models too
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.head(self.features(x, t))

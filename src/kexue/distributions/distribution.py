@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, TypeAlias
 
 import torch
 from torch import Tensor
@@ -18,6 +18,9 @@ from kexue.distributions.perturbed_argmax import (
     perturbed_argmax_log_probs,
 )
 from kexue.validation import check_sample_shape
+
+# what torch.distributions accepts as a shape (its private torch.types._size)
+Shape: TypeAlias = "torch.Size | list[int] | tuple[int, ...]"
 
 
 class PerturbedArgmax(Distribution):
@@ -77,14 +80,14 @@ class PerturbedArgmax(Distribution):
         """The most probable class, ``argmax mu`` (the map preserves the order of ``mu``)."""
         return self.mu.argmax(-1)
 
-    def _noise(self, sample_shape: torch.Size, generator: torch.Generator | None) -> Tensor:
+    def _noise(self, sample_shape: Shape, generator: torch.Generator | None) -> Tensor:
         shape = torch.Size(check_sample_shape(sample_shape)) + self.mu.shape
         return self.noise.sample(
             shape, generator=generator, dtype=self.mu.dtype, device=self.mu.device
         )
 
     def sample(
-        self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None
+        self, sample_shape: Shape = torch.Size(), generator: torch.Generator | None = None
     ) -> Tensor:
         """Exact draws ``argmax(mu + eps)``: long tensor ``sample_shape + batch_shape``."""
         with torch.no_grad():
@@ -93,7 +96,7 @@ class PerturbedArgmax(Distribution):
     def rsample_relaxed(
         self,
         tau: float,
-        sample_shape: torch.Size = torch.Size(),
+        sample_shape: Shape = torch.Size(),
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Relaxed one-hot sample ``softmax((mu + eps) / tau)``, differentiable in ``mu``.
@@ -125,7 +128,7 @@ class PerturbedArgmax(Distribution):
         values = values.view((-1,) + (1,) * len(self.batch_shape))
         return values.expand((-1, *self.batch_shape)) if expand else values
 
-    def expand(self, batch_shape: torch.Size, _instance=None) -> PerturbedArgmax:
+    def expand(self, batch_shape: Shape, _instance=None) -> PerturbedArgmax:
         mu = self.mu.expand((*batch_shape, self._num_events))
         return PerturbedArgmax(
             mu,

@@ -83,7 +83,7 @@ def maximum_window(
     lower, split = _levels(n, known)
     q_lo, q_hi = _window_quantiles(family, n, known, log_lo, hi)
     q_lo, q_hi = q_lo.to(top), q_hi.to(top)
-    idx = [k - 1 for k in lower if k < n and k <= known]
+    idx: list[int] | Tensor = [k - 1 for k in lower if k < n and k <= known]
     idx = torch.tensor(idx, dtype=torch.long, device=top.device)
     at_levels = torch.cat([top.index_select(-1, idx), bottom], -1)
     y_lo = (at_levels + q_lo).amax(-1)
@@ -154,6 +154,7 @@ def maximum_nodes(
         return y, width.log()[..., None] + w.log().to(dtype=dtype, device=device)
     cells = math.ceil(num_nodes / _GL_ORDER)
     grid = torch.linspace(0.0, 1.0, cells + 1, dtype=dtype, device=device)
+    edges: list[Tensor] | Tensor  # the pieces, then their sorted concatenation
     edges = [y_lo[..., None] + width[..., None] * grid]
     if family.grid_kinks:
         edges.append(_kinks(mu, top, y_lo, y_hi, family))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -249,7 +250,7 @@ class NormalNoise(NoiseFamily):
         exact = torch.special.log_ndtr(x[far]) if far is not None else None
         out = x.clamp_(lo, hi).mul_(-_SQRT_HALF).erfc_().log_().sub_(_LN2)
         if far is not None:
-            out[far] = exact
+            out[far] = cast(Tensor, exact)  # computed when far is not None
         return out
 
     def kernel_dlog_cdf_(self, x: Tensor) -> Tensor:
@@ -264,7 +265,7 @@ class NormalNoise(NoiseFamily):
         out = torch.erfc(z)
         z.square_().neg_().exp_().mul_(_SQRT_2_OVER_PI).div_(out)
         if far is not None:
-            z[far] = exact
+            z[far] = cast(Tensor, exact)  # computed when far is not None
         return z
 
     # log phi = -x^2 / 2 - log sqrt(2 pi), (log phi)' = -x.
@@ -382,7 +383,8 @@ class UniformNoise(NoiseFamily):
     def kernel_dlog_cdf_(self, x: Tensor) -> Tensor:
         width = torch.tensor(self.width, dtype=x.dtype)
         x.clamp_(torch.finfo(x.dtype).tiny, self.width).reciprocal_()
-        return F.threshold_(x, float(width.reciprocal()), 0.0)  # 1/x below the width, else 0
+        # 1/x below the width, else 0 (torch's stubs lack F.threshold_, which exists at run time)
+        return F.threshold_(x, float(width.reciprocal()), 0.0)  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
         return f"uniform(width={self.width:g})"

@@ -12,6 +12,7 @@ so the map keeps properties 1-4 exactly at any ``K``. Bounded noise (uniform) gi
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -105,7 +106,7 @@ class _LogMass(torch.autograd.Function):
             total = weights.sum(-1, keepdim=True)
             out[r, c] = (total.log() + top).squeeze(-1)
             if keep:
-                post[r, c] = weights.div_(total.where(total > 0, 1.0))
+                cast(Tensor, post)[r, c] = weights.div_(total.where(total > 0, 1.0))  # kept
         ctx.family = family
         if keep:
             ctx.save_for_backward(mu, e, post)

@@ -14,6 +14,8 @@ Both are summed in log space and renormalised: ``log p_i = log m_i - logsumexp_l
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -137,7 +139,10 @@ def _log_probs(
     lead, n = work.shape[:-1], work.shape[-1]
     flat = work.reshape(-1, n)
     centred = flat - flat.detach().amax(-1, keepdim=True)  # only differences matter
-    mass = maximum_log_mass if method == "maximum" else pairwise_log_mass
+    # num_nodes: int | None for the maximum form, an int for the pairwise one (check_quadrature)
+    mass: Callable[[Tensor, NoiseFamily, Any, str], Tensor] = (
+        maximum_log_mass if method == "maximum" else pairwise_log_mass
+    )
     log_m = mass(centred, family, num_nodes, rule)
     log_p = log_m - logsumexp(log_m, -1, keepdim=True)
     return log_p.reshape(*lead, n)

@@ -27,7 +27,8 @@ LOSS_HEADERS = [
 LSE_HEADERS = ["input", "torch.logsumexp ms", "kexue ms", "kexue/torch"]
 
 
-def _backward_ms(fn: Callable[[Tensor], Tensor], leaf: Tensor, min_run_time: float) -> float:
+# fn(leaf): Callable[..., Tensor] as the callers' lambdas bind loop variables as defaults
+def _backward_ms(fn: Callable[..., Tensor], leaf: Tensor, min_run_time: float) -> float:
     def step() -> None:
         leaf.grad = None
         fn(leaf).sum().backward()
@@ -66,7 +67,7 @@ def lse_speed_rows(sizes: tuple[int, ...] = (1000, 10000), min_run_time: float =
         x = torch.randn(256, n, generator=gen).requires_grad_()
         wide = torch.randn(256, n, generator=gen).mul_(30).requires_grad_()
         mask = torch.rand(256, n, generator=gen) > 0.3
-        cases = [
+        cases: list[tuple[str, Callable[..., Tensor], Callable[..., Tensor], Tensor]] = [
             (
                 "masked, 30% dropped",
                 lambda v, m=mask: torch.logsumexp(v.masked_fill(~m, -math.inf), -1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["Number", "Table", "format_number", "markdown_table"]
@@ -16,7 +17,7 @@ class Table:
 
     caption: str
     headers: list[str]
-    rows: list[list[Number]]
+    rows: Sequence[Sequence[Number]]
 
 
 def format_number(value: Number) -> str:

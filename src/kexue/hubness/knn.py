@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -181,6 +181,7 @@ def _winner_distances(
         close = dist < _RECOMPUTE
     else:
         dist = score.clone() if y_sq is None else score + y_sq[:, None]
+        x_sq = cast(Tensor, x_sq)  # the Euclidean callers pass it
         norms = (y_sq if y_sq is not None else x_sq[: len(score)])[:, None] + x_sq[top]
         close = dist < _RECOMPUTE * norms
     if close.any():
@@ -378,7 +379,9 @@ def _torch_search(
                 best_s, best_i = score, top
             else:
                 best_s, pick = torch.cat([best_s, score], 1).topk(wide, dim=1, largest=False)
-                best_i = torch.cat([best_i, top], 1).gather(1, pick)
+                # best_i is set together with best_s
+                best_i = torch.cat([cast(Tensor, best_i), top], 1).gather(1, pick)
+        best_s, best_i = cast(Tensor, best_s), cast(Tensor, best_i)  # width >= 1: the loop ran
         if metric == "cosine":
             vals = _winner_distances(best_s[:, :k], best_i[:, :k], q, base[:n], cosine=True)
         else:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +45,12 @@ class BackboneStates:
     decoder_last: Tensor | None = None
 
     def to(self, *args, **kwargs) -> BackboneStates:
+        # the first field (encoder) is never None, so the result has one too
         return BackboneStates(
-            *(t.to(*args, **kwargs) if t is not None else None for t in self._fields())
+            *cast(
+                "Iterator[Any]",
+                (t.to(*args, **kwargs) if t is not None else None for t in self._fields()),
+            )
         )
 
     def _fields(self) -> tuple[Tensor | None, ...]:
@@ -67,10 +73,10 @@ def _divide(total: int, r: int, what: str) -> int:
 class EncoderBackbone:
     """A frozen BERT-family encoder: hidden states of every layer in one no-grad pass."""
 
-    family = "encoder"
+    family: Literal["encoder"] = "encoder"
 
     def __init__(self, model: nn.Module) -> None:
-        config = model.config
+        config: Any = model.config  # a transformers PretrainedConfig (dynamic attributes)
         missing = _missing(config, _ENCODER_CONFIG)
         if missing:
             raise ValueError(
@@ -117,7 +123,11 @@ class EncoderBackbone:
                 f"output_hidden_states=True it must return {self.num_layers + 1} hidden states "
                 f"(embeddings + one per layer), got {got}"
             )
-        other = self._hidden(torch.tensor([[1, 4, 5]]) % vocab, torch.ones_like(ids), None)
+        # the same model returned hidden states just above
+        other = cast(
+            "tuple[Tensor, ...]",
+            self._hidden(torch.tensor([[1, 4, 5]]) % vocab, torch.ones_like(ids), None),
+        )
         if torch.equal(states[-1][0, 0], other[-1][0, 0]):
             raise ValueError(
                 f"{type(self.model).__name__} looks like a causal (decoder-only) model: token 0's "
@@ -143,7 +153,8 @@ class EncoderBackbone:
         token_type_ids: Tensor | None = None,
         **_: object,
     ) -> BackboneStates:
-        hidden = self._hidden(input_ids, attention_mask, token_type_ids)
+        # check_forward (run by backbone_adapter) proved that hidden states come back
+        hidden = cast("tuple[Tensor, ...]", self._hidden(input_ids, attention_mask, token_type_ids))
         picked = torch.stack([hidden[0]] + [hidden[i + 1] for i in layers])
         return BackboneStates(picked, hidden[-1] if want_last else None)
 
@@ -193,10 +204,10 @@ class EncoderBackbone:
 class T5Backbone:
     """A frozen T5 encoder-decoder: hidden states of both stacks in no-grad passes."""
 
-    family = "t5"
+    family: Literal["t5"] = "t5"
 
     def __init__(self, model: nn.Module) -> None:
-        config = model.config
+        config: Any = model.config  # a transformers PretrainedConfig (dynamic attributes)
         missing = _missing(config, _T5_CONFIG)
         for attr in ("encoder", "decoder"):
             if not isinstance(getattr(model, attr, None), nn.Module):
@@ -242,7 +253,8 @@ class T5Backbone:
         decoder_attention_mask: Tensor | None = None,
         **_: object,
     ) -> BackboneStates:
-        enc = self.model.encoder(
+        encoder = cast(nn.Module, self.model.encoder)  # checked in __init__
+        enc = encoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             output_hidden_states=True,
@@ -253,7 +265,8 @@ class T5Backbone:
             torch.stack([h[0]] + [h[i + 1] for i in layers]), h[-1] if want_last else None
         )
         if decoder_input_ids is not None:
-            dec = self.model.decoder(
+            decoder = cast(nn.Module, self.model.decoder)  # checked in __init__
+            dec = decoder(
                 input_ids=decoder_input_ids,
                 attention_mask=decoder_attention_mask,
                 encoder_hidden_states=enc.last_hidden_state,
@@ -397,7 +410,7 @@ def check_fingerprint(saved: dict, here: dict, folder: object, *, weights: bool 
         )
 
 
-def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, object]:
+def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a local Hugging Face folder: safetensors only (no pickle),
     no download. ``ValueError`` naming the folder when it is not one."""
     from transformers import AutoModel, AutoTokenizer

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,8 @@ class PooledClassifier(nn.Module):
             backbone = peft.get_peft_model(backbone, peft.LoraConfig(**self.lora))
         self.backbone = backbone
         self.drop = nn.Dropout(self.dropout)
-        width = backbone.config.hidden_size
+        config: Any = backbone.config  # a transformers PretrainedConfig
+        width = config.hidden_size
         self.head = nn.Linear(width, num_labels)
         std = getattr(backbone.config, "initializer_range", None) or 0.02
         nn.init.normal_(self.head.weight, 0.0, std)
@@ -90,7 +91,9 @@ class PooledClassifier(nn.Module):
 
     def base_model(self) -> nn.Module:
         """The transformers model inside (with LoRA layers injected for ``"lora"``)."""
-        return self.backbone.get_base_model() if self.lora is not None else self.backbone
+        if self.lora is not None:  # a peft PeftModel
+            return cast(Any, self.backbone).get_base_model()
+        return self.backbone
 
     def _saved_keys(self) -> set[str]:
         if self.method == "full":

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
+
+if TYPE_CHECKING:
+    from kexue.lst.classifier import PooledClassifier
+    from kexue.lst.model import LSTModel
 
 app = typer.Typer(
     help="Ladder Side-Tuning of frozen Hugging Face transformers.",
@@ -161,7 +165,7 @@ def train(
         inputs = load_inputs(spec)
     except (ValueError, OSError, UnicodeDecodeError) as err:
         raise typer.BadParameter(_one_line(err)) from None
-    checkpoints = {"checkpoint_every": checkpoint_every, "resume": resume}
+    checkpoints: dict[str, Any] = {"checkpoint_every": checkpoint_every, "resume": resume}
     if checkpoint_every or resume:
         checkpoints["checkpoint_dir"] = out
     try:
@@ -172,7 +176,8 @@ def train(
         hint = "--resume" if "checkpoints" in str(err) else "--backbone"
         raise typer.BadParameter(_one_line(err), param_hint=hint) from None
     if is_main_process():
-        result.model.save_pretrained(out)
+        model = cast("LSTModel | PooledClassifier", result.model)  # run() sets it
+        model.save_pretrained(out)
         metrics = result.to_dict()
         metrics.pop("losses")
         write_json_atomic(out / "metrics.json", metrics)

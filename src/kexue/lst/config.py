@@ -10,9 +10,12 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kexue.validation import check_bool, check_choice, check_int, check_real, describe
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 INITS = ("fisher", "magnitude", "random")
 TASKS = ("sequence-classification", "token-classification", "seq2seq-lm")
@@ -99,7 +102,7 @@ class LSTConfig:
         return cls.from_dict(load_lst_folder(pretrained_directory)[0]["lst_config"])
 
 
-D = TypeVar("D")
+D = TypeVar("D", bound="DataclassInstance")
 
 
 def dataclass_from_dict(cls: type[D], data: object) -> D:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from kexue.exceptions import CheckpointError
 from kexue.lst.backbones import (
     Backbone,
     BackboneStates,
+    T5Backbone,
     backbone_adapter,
     backbone_fingerprint,
     check_fingerprint,
@@ -48,6 +50,9 @@ from kexue.lst.side import SideStack, init_side_weights, pool
 from kexue.pretrained import CONFIG_NAME, load_folder, save_folder
 from kexue.progress import progress_bar
 from kexue.validation import check_class_labels, describe
+
+if TYPE_CHECKING:
+    from transformers.utils import ModelOutput
 
 LST_KIND = "kexue.lst.LSTModel"
 FORMAT_VERSION = 1
@@ -68,7 +73,7 @@ class SideNetwork(nn.Module):
     def __init__(self, adapter: Backbone, config: LSTConfig, layers: list[int]) -> None:
         super().__init__()
         dims = adapter.dims(config.reduction_factor)
-        common = {"temperature": config.gate_temperature, "dropout": config.dropout}
+        common: dict[str, Any] = {"temperature": config.gate_temperature, "dropout": config.dropout}
         self.encoder = SideStack(dims, len(layers), **common)
         self.decoder = (
             SideStack(dims, len(layers), causal=True, cross=True, **common)
@@ -194,7 +199,8 @@ class LSTModel(nn.Module):
         if self.config.task == "seq2seq-lm" and decoder_input_ids is None:
             if labels is None:
                 raise ValueError("task='seq2seq-lm' needs labels or decoder_input_ids")
-            decoder_input_ids = self._adapter.shift_right(labels)
+            # seq2seq-lm needs a T5 backbone (checked in __init__)
+            decoder_input_ids = cast(T5Backbone, self._adapter).shift_right(labels)
         amp = self.backbone_autocast
         with torch.autocast(input_ids.device.type, dtype=amp, enabled=amp is not None):
             return self._adapter.states(
@@ -248,6 +254,7 @@ class LSTModel(nn.Module):
                 raise ValueError("with backbone_states, pass the attention_mask too")
             attention_mask = torch.ones_like(input_ids)
         enc = self.side.encoder(backbone_states.encoder, attention_mask)
+        out: ModelOutput
         if cfg.task == "seq2seq-lm":
             dec_states = backbone_states.decoder
             if dec_states is None:
@@ -256,12 +263,14 @@ class LSTModel(nn.Module):
                 decoder_attention_mask = torch.ones(
                     dec_states.shape[1:3], dtype=torch.long, device=dec_states.device
                 )
-            h = self.side.decoder(dec_states, decoder_attention_mask, enc, attention_mask)
+            decoder = cast(SideStack, self.side.decoder)  # built for seq2seq-lm
+            h = decoder(dec_states, decoder_attention_mask, enc, attention_mask)
             h = self._up(h, backbone_states.decoder_last)
             c = self.backbone.config  # T5 scales before a tied LM head (v1.0, not v1.1)
             if getattr(c, "scale_decoder_outputs", getattr(c, "tie_word_embeddings", False)):
                 h = h * self._adapter.width**-0.5
-            logits = F.linear(h, self._adapter.lm_head().weight)
+            lm_head = cast(nn.Linear, self._adapter.lm_head())  # checked in __init__
+            logits = F.linear(h, lm_head.weight)
             loss = None
             if labels is not None:
                 loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -270,7 +279,8 @@ class LSTModel(nn.Module):
             h = self._up(enc, backbone_states.encoder_last)
             if cfg.task == "sequence-classification":
                 h = pool(h, attention_mask, cfg.pooling)
-            logits = self.side.head(self.side.drop(h))
+            head = cast(nn.Linear, self.side.head)  # built for every task but seq2seq-lm
+            logits = head(self.side.drop(h))
             loss = None if labels is None else self._loss(logits, labels)
             kind = (
                 SequenceClassifierOutput
@@ -283,14 +293,16 @@ class LSTModel(nn.Module):
     def _up(self, h: Tensor, last: Tensor | None) -> Tensor:
         h = self.side.up(h)
         if self.config.merge_backbone_output:
-            h = h + last.to(h.dtype)
+            # the backbone's last states come with merge_backbone_output
+            h = h + cast(Tensor, last).to(h.dtype)
         return h
 
     def _check_labels(self, labels: Tensor) -> None:
         """Class indices below ``num_labels`` (token ids below ``vocab_size`` for seq2seq-lm),
         -100 = ignored; checked before the backbone runs."""
         if self.config.task == "seq2seq-lm":
-            vocab = self._adapter.lm_head().weight.shape[0]
+            lm_head = cast(nn.Linear, self._adapter.lm_head())  # checked in __init__
+            vocab = lm_head.weight.shape[0]
             check_class_labels(labels, vocab, count_name="vocab_size", ignore_index=-100)
         elif self.config.num_labels > 1:
             check_class_labels(
@@ -440,7 +452,7 @@ def get_lst_model(
             importance = fisher_importance(
                 adapter,
                 layers,
-                init_data,
+                cast("Iterable[dict[str, Tensor]]", init_data),  # checked above for fisher
                 samples=config.fisher_samples,
                 task=config.task,
                 num_labels=config.num_labels,
@@ -513,5 +525,6 @@ class BackboneCache:
         states, mask = right_pad([self.states[i] for i in indices], dim=1)
         last = None
         if self.lasts[indices[0]] is not None:
-            last, _ = right_pad([self.lasts[i] for i in indices])
+            # lasts are all tensors or all None (merge_backbone_output)
+            last, _ = right_pad([cast(Tensor, self.lasts[i]) for i in indices])
         return BackboneStates(states, last), mask

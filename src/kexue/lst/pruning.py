@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 
 from kexue.lst.backbones import Backbone
 from kexue.lst.data import right_pad
-from kexue.lst.side import SideDims, SideStack, pool
+from kexue.lst.side import SideBlock, SideDims, SideStack, pool
 from kexue.progress import progress_bar
 from kexue.validation import check_class_labels
 
@@ -134,7 +135,8 @@ def _check_labels(examples: list[dict[str, Tensor]], task: str, num_labels: int,
 def _encode(adapter: Backbone, batch: dict[str, Tensor]) -> Tensor:
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
     if adapter.family == "t5":
-        return adapter.model.encoder(**kwargs, return_dict=True).last_hidden_state
+        encoder = cast(nn.Module, adapter.model.encoder)  # checked by T5Backbone
+        return encoder(**kwargs, return_dict=True).last_hidden_state
     if "token_type_ids" in batch:
         kwargs["token_type_ids"] = batch["token_type_ids"]
     return adapter.base(**kwargs, return_dict=True).last_hidden_state
@@ -374,16 +376,18 @@ def plan_pruning(
     return plan
 
 
-def _copy_linear(dst: nn.Linear, src: nn.Linear, rows: Tensor, cols: Tensor) -> None:
-    dst.weight.copy_(src.weight[rows][:, cols])
+def _copy_linear(dst: nn.Linear, src: nn.Module, rows: Tensor, cols: Tensor) -> None:
+    # src: a backbone's linear layer (weight and bias are tensors)
+    dst.weight.copy_(cast(Tensor, src.weight)[rows][:, cols])
     if dst.bias is not None and src.bias is not None:
-        dst.bias.copy_(src.bias[rows])
+        dst.bias.copy_(cast(Tensor, src.bias)[rows])
 
 
 def _copy_norm(dst: nn.Module, src: nn.Module, keep: Tensor) -> None:
-    dst.weight.copy_(src.weight[keep])
+    # dst, src: norm layers (weight and bias are tensors)
+    cast(Tensor, dst.weight).copy_(cast(Tensor, src.weight)[keep])
     if getattr(dst, "bias", None) is not None and getattr(src, "bias", None) is not None:
-        dst.bias.copy_(src.bias[keep])
+        cast(Tensor, dst.bias).copy_(cast(Tensor, src.bias)[keep])
 
 
 def selection(width: int, keep: Tensor) -> Tensor:
@@ -405,7 +409,8 @@ def apply_pruning(
             proj.weight.copy_(pick)
             proj.bias.zero_()
         layers = [layer for layer in plan.layers if layer < adapter.stacks()[stack]]
-        for block, layer, rows in zip(side.blocks, layers, plan.blocks[stack], strict=True):
+        blocks = cast("Iterable[SideBlock]", side.blocks)
+        for block, layer, rows in zip(blocks, layers, plan.blocks[stack], strict=True):
             src = adapter.block_modules(stack, layer)
             _copy_linear(block.attn.q, src["q"], rows["qk"], r)
             _copy_linear(block.attn.k, src["k"], rows["qk"], r)
@@ -422,9 +427,10 @@ def apply_pruning(
                 _copy_linear(block.cross.k, src["xk"], rows["xqk"], r)
                 _copy_linear(block.cross.v, src["xv"], rows["xv"], r)
                 _copy_linear(block.cross.o, src["xo"], r, rows["xv"])
-                _copy_norm(block.norm_cross, src["norm_cross"], r)
+                # norm_cross exists exactly when cross does (SideBlock)
+                _copy_norm(cast(nn.Module, block.norm_cross), src["norm_cross"], r)
         extras = adapter.stack_extras(stack)
         if "final_norm" in extras:
             _copy_norm(side.final_norm, extras["final_norm"], r)
         if side.position_bias is not None and "position_bias" in extras:
-            side.position_bias.weight.copy_(extras["position_bias"].weight)
+            side.position_bias.weight.copy_(cast(Tensor, extras["position_bias"].weight))

@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -343,7 +343,8 @@ def run(
             progress=progress,
         )
         if isinstance(model, LSTModel):
-            model.config = config  # the run's config (its init), also after a resume
+            # the run's config (its init), also after a resume; set for method="lst"
+            model.config = cast(LSTConfig, config)
             model.backbone_autocast = amp
         model.to(device)
         build_seconds, build_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0

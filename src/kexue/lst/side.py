@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +142,8 @@ class SideBlock(nn.Module):
             return self.norm2(x + self.drop(self.ffn(x)))
         x = x + self.drop(self.attn(self.norm1(x), bias))
         if self.cross is not None:
-            x = x + self.drop(self.cross(self.norm_cross(x), memory_bias, memory))
+            norm_cross = cast(nn.Module, self.norm_cross)  # built together with cross
+            x = x + self.drop(self.cross(norm_cross(x), memory_bias, memory))
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
@@ -231,7 +233,8 @@ class SideStack(nn.Module):
         dtype = self.embed_down.weight.dtype
         states = states.to(dtype)
         bias = self._bias(mask, dtype)
-        memory_bias = None if memory is None else memory_mask[:, None, None, :].bool()
+        # memory_mask comes with memory (LSTModel passes both)
+        memory_bias = None if memory is None else cast(Tensor, memory_mask)[:, None, None, :].bool()
         h = self.embed_down(states[0])
         mu = self.gates()
         for j, block in enumerate(self.blocks):

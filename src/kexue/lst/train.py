@@ -11,6 +11,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from rich.progress import TextColumn
@@ -188,8 +189,12 @@ def train_text_classifier(
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": settings.weight_decay},
+        {"params": no_decay},
+    ]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay}],
+        groups,
         lr=settings.lr,
         weight_decay=0.0,
     )
@@ -199,6 +204,7 @@ def train_text_classifier(
     start = 0
     resume_from = checkpointing.check_start() if checkpointing is not None else None
     if resume_from is not None:
+        assert checkpointing is not None  # resume_from comes from it
         resumed = checkpointing.restore(resume_from, model, opt)
         start, stats.losses, stats.resumed_from_step = resumed.step, resumed.losses, resumed.step
     sync_parameters(params)

@@ -210,6 +210,7 @@ def distributed_results(problem: dict) -> dict[str, Tensor]:
         model, schedule, problem["heldout"], steps=4, variance={"small": "small", "large": "large"},
         batch_size=2, generator=torch.Generator().manual_seed(3), progress=False,
     )  # fmt: skip
+    assert isinstance(nll, dict)  # several variances, one result each
     features, probs = classify(problem["classifier"], problem["digits"], batch_size=2)
     fields = ("Gamma", "Gamma_sq", "moment", "err", "eps2", "moment_diag", "err_diag")
     out = {f"moments.{k}": getattr(moments, k) for k in fields}

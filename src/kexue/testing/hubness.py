@@ -79,6 +79,8 @@ def hub_prior_by_hand(
     from ``torch.Generator().manual_seed(seed)``) whose brute-force ``N_k`` within their pool
     is at least ``threshold``: ``(latents, their N_k, rounds drawn)``."""
     gen = torch.Generator().manual_seed(seed)
+    kept: list[torch.Tensor]
+    values: list[np.ndarray]
     kept, values, rounds = [], [], 0
     while sum(len(v) for v in values) < n:
         pool = torch.randn(pool_size, dim, generator=gen, dtype=torch.float64)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -168,7 +169,7 @@ def side_stack_ref(
     memory_keep = None
     if memory is not None:
         memory = memory.detach().double()
-        memory_keep = memory_mask.bool()[:, None, :].expand(-1, t, -1)
+        memory_keep = cast(Tensor, memory_mask).bool()[:, None, :].expand(-1, t, -1)  # with memory
 
     def act(z: Tensor) -> Tensor:
         if activation == "relu":
@@ -196,7 +197,8 @@ def side_stack_ref(
         h = h + _attention(p, f"{b}.attn", z, z, keep, heads, scale, position)
         if memory is not None:
             z = norm(f"{b}.norm_cross", h)
-            h = h + _attention(p, f"{b}.cross", z, memory, memory_keep, heads, scale, None)
+            keep_memory = cast(Tensor, memory_keep)  # set with memory
+            h = h + _attention(p, f"{b}.cross", z, memory, keep_memory, heads, scale, None)
         z = norm(f"{b}.norm2", h)
         inner = act(_linear(p, f"{b}.ffn.wi", z))
         if f"{b}.ffn.wi_lin.weight" in p:
@@ -275,7 +277,8 @@ def tiny_t5(seed: int = 0, gated: bool = False):
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = T5Config(
+    # transformers' typed T5Config.__init__ omits the PreTrainedConfig keywords it accepts
+    config = T5Config(  # type: ignore[call-arg]
         vocab_size=VOCAB,
         d_model=32,
         d_kv=8,

@@ -13,6 +13,7 @@ torch to read tensors) is used; nothing from kexue's losses.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ __all__ = ["EPS", "zlpr_grad_ref", "zlpr_ref", "zlpr_target_grad_ref"]
 EPS = 1e-7
 
 
-def _rows(scores, target, mask, threshold):
+def _rows(scores, target, mask, threshold) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
     s = scores.detach().double()
     t = target.detach().double()
     keep = torch.ones(s.shape, dtype=torch.bool) if mask is None else mask.expand(s.shape)
@@ -39,7 +40,7 @@ def _rows(scores, target, mask, threshold):
 
 def _terms(s_row, t_row, k_row, s0_row, eps):
     """Per class: (z, log t or None, log(1 - t) or None); None = no term / class dropped."""
-    out = []
+    out: list[tuple[float, float | None, float | None] | None] = []
     for s, t, k, s0 in zip(s_row, t_row, k_row, s0_row, strict=True):
         if not k or s == -math.inf:
             out.append(None)

@@ -8,6 +8,7 @@ per sampler. docs/benchmarks/optimal_variance.md has the larger runs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import matplotlib.pyplot as plt
 import torch
@@ -28,6 +29,9 @@ from kexue.experiments.diffusion import (
 )
 from kexue.tour.report import Claim, Section, Table
 from kexue.tour.runner import SectionContext
+
+if TYPE_CHECKING:
+    from kexue.diffusion.schedule import NoiseSchedule
 
 TITLE = "Optimal reverse variance and NLL in bits/dim (kexue.diffusion, Analytic-DPM)"
 NLL_KS = (5, 10, 20, 50)
@@ -92,7 +96,8 @@ def section_claims(numbers: Mapping[str, float]) -> list[Claim]:
 
 def run(ctx: SectionContext) -> Section:
     model = shipped_model()
-    schedule, info = model.schedule, model.info
+    # the shipped model carries its schedule
+    schedule, info = cast("NoiseSchedule", model.schedule), model.info
     data = load_images("mnist5k")
     gen = torch.Generator().manual_seed(ctx.seed)
     ctx.step("moments", total=1 + len(NLL_KS) + len(QUALITY_KS) + 1)
@@ -124,10 +129,12 @@ def run(ctx: SectionContext) -> Section:
             progress=False,
             variance=nll_variances(moments, schedule, K),
         )
+        assert isinstance(res, dict)  # several variances, one result each
         nll_rows.append([K, *(res[n].bpd for n in ("DDPM-small", "DDPM-large", "Analytic-DDPM"))])
         ctx.advance()
 
     evaluator = DigitEvaluator(reference=data.heldout)
+    q_rows: list[list[Any]]  # sampler, K, quality numbers
     q_rows, grids = [], {}
     for K in QUALITY_KS:
         ctx.step(f"sampling and scoring {N_SCORED} digits per sampler, K = {K}")
@@ -144,6 +151,7 @@ def run(ctx: SectionContext) -> Section:
                 generator=torch.Generator().manual_seed(K),
                 progress=False,
             )
+            assert isinstance(images, torch.Tensor)  # no trajectory asked for
             q = evaluator(images)
             q_rows.append([name, K, q.frechet, q.confidence, q.precision, q.recall])
             if K == 10:
@@ -193,7 +201,7 @@ def run(ctx: SectionContext) -> Section:
         f"{q_by[('Analytic-DDIM', 10)][2]:.1f} vs {q_by[('DDIM', 10)][2]:.1f} (DDIM), "
         f"{N_SCORED} samples each (noisy at this size)."
     )
-    numbers = {
+    numbers: dict[str, Any] = {  # floats, and the model's step (or None)
         f"NLL K={r[0]} {n}": v
         for r in nll_rows
         for n, v in zip(("DDPM-small", "DDPM-large", "Analytic-DDPM"), r[1:], strict=True)
