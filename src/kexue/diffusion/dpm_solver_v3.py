@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,6 +224,18 @@ class V3Update:
     f_coefs: tuple[tuple[int, Tensor], ...]
     bias: Tensor
 
+    def apply(self, x: Tensor, fs: Mapping[int, Tensor]) -> Tensor:
+        """``x_new`` from the base state ``x`` and the rescaled model outputs ``fs[j]`` (the
+        arithmetic of :func:`dpm_solver_v3_sample`, for step-by-step drivers such as
+        :class:`~kexue.diffusion.schedulers.DPMSolverV3Scheduler`)."""
+        return _apply(self, x, fs)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> V3Update:
+        """This update with its coefficient maps on ``device`` in ``dtype``."""
+        moved = _moved(self, torch.device(device), dtype)
+        assert moved is not None
+        return moved
+
 
 @dataclass(frozen=True)
 class V3Plan:
@@ -352,7 +364,7 @@ def _auto_options(K: int, pseudo_order: bool | None, lower_order_final: bool | N
 
 
 # ---------------------------------------------------------------------- sampling
-def _apply(update: V3Update, x: Tensor, fs: dict[int, Tensor]) -> Tensor:
+def _apply(update: V3Update, x: Tensor, fs: Mapping[int, Tensor]) -> Tensor:
     out = update.x_coef * x + update.bias
     for j, coef in update.f_coefs:
         out = out + coef * fs[j]
