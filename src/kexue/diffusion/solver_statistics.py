@@ -39,6 +39,14 @@ import torch
 from torch import Tensor, nn
 
 from kexue.diffusion.schedule import NoiseSchedule
+from kexue.distributed import (
+    all_reduce_sum,
+    is_distributed,
+    rank,
+    shard,
+    shared_seed,
+    world_size,
+)
 from kexue.exceptions import CheckpointError
 from kexue.pretrained import PretrainedMixin, read_config, shipped_names
 from kexue.progress import progress_bar
@@ -655,7 +663,14 @@ def estimate_solver_statistics(
 
     Cost: ``num_images * len(grid)`` pairs; per pair 3 model evaluations plus one JVP with two
     tangents (``"jvp"``, about 10 forward passes in all) or 3 evaluations
-    (``"finite-difference"``).
+    (``"finite-difference"``), shared by the processes.
+
+    Many processes: under ``accelerate launch`` (any initialised ``torch.distributed`` group)
+    the seed and the image subset are rank 0's, the batches of (image, step) pairs are split
+    over the processes (:func:`~kexue.distributed.shard`; each batch exactly as one process
+    would form it) and the float64 sums reduced; every process returns the same statistics as
+    one process would, to float64 rounding (``docs/guides/few-step.md``, "Estimating the
+    statistics"). The progress bar is rank 0's.
 
     Raises:
         NonFiniteError: the model returned NaN or inf (the message names the steps).
@@ -675,18 +690,29 @@ def estimate_solver_statistics(
     generator = check_generator(generator)
     steps = statistics_grid(schedule, grid)
     started = time.perf_counter()
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    # one draw from generator (rank 0's under torch.distributed, sent to every process)
+    seed = shared_seed(generator)
     N = len(images)
     n = N if num_images is None else min(num_images, N)
     chosen = torch.randperm(N, generator=generator)[:n] if n < N else torch.arange(N)
     chosen = torch.sort(chosen).values
+    if is_distributed():  # rank 0's subset on every process (a sum with one non-zero term)
+        chosen = all_reduce_sum(chosen if rank() == 0 else torch.zeros_like(chosen))
     pairs = torch.stack(
         [chosen.repeat(len(steps)), torch.tensor(steps).repeat_interleave(n)], 1
     )  # step-major: a batch holds few distinct steps
+    # Whole batches are split over processes (batch b of one process's loop goes to rank
+    # b mod W), so every model call sees the batch one process would give it: a float32
+    # model's outputs, whose rounding depends on the batch, are then bit-for-bit those of one
+    # process, and each pair's noise is keyed by (seed, image, step) whoever draws it.
+    mine = torch.cat([pairs[b : b + batch_size] for b in shard(range(0, len(pairs), batch_size))]
+                     or [pairs[:0]])  # fmt: skip
     sums = accumulate_solver_sums(
-        eps_model, schedule, images, pairs, seed=seed, grid=steps, method=method,
+        eps_model, schedule, images, mine, seed=seed, grid=steps, method=method,
         batch_size=batch_size, progress=progress, device=device,
     )  # fmt: skip
+    if is_distributed():  # float64 sums over processes
+        sums = SolverSums(sums.steps, all_reduce_sum(sums.sums), all_reduce_sum(sums.counts))
     info = {
         "method": method,
         "seed": seed,
@@ -694,6 +720,8 @@ def estimate_solver_statistics(
         "seconds": round(time.perf_counter() - started, 3),
         "model": type(eps_model).__name__,
     }
+    if is_distributed():
+        info["processes"] = world_size()
     return sums.statistics(
         schedule, ridge=ridge, max_standard_error=max_standard_error, num_images=n, info=info
     )

@@ -25,10 +25,12 @@ from torch import Tensor
 from kexue.diffusion.schedule import NoiseSchedule
 
 __all__ = [
+    "DISTRIBUTED_SOLVER_WORKER",
     "DISTRIBUTED_WORKER",
     "GaussianMixture",
     "distributed_problem",
     "distributed_results",
+    "distributed_solver_results",
     "gaussian_eps",
     "gaussian_posterior_variance",
     "point_eps",
@@ -236,6 +238,59 @@ torch.set_num_threads(1)
 from kexue.testing.diffusion import distributed_problem, distributed_results
 
 results = distributed_results(distributed_problem())
+results["world_size"] = torch.tensor(state.num_processes)
+torch.save(results, f"{sys.argv[1]}/rank{state.process_index}.pt")
+state.wait_for_everyone()
+"""
+
+
+def distributed_solver_results(problem: dict, global_seed: int = 11) -> dict[str, Tensor]:
+    """What the many-process check of the solver statistics compares: ``l, s, b`` of
+    :func:`~kexue.diffusion.estimate_solver_statistics` by both methods from a seeded
+    generator, and (``"global.*"``) with ``generator=None`` after
+    ``torch.manual_seed(global_seed)`` (the seed and image subset must then be rank 0's).
+    The untrained U-Net's zero-initialised layers are perturbed (seeded) first: its output
+    would otherwise be 0 and its statistics trivial."""
+    import copy
+
+    from kexue.diffusion.solver_statistics import estimate_solver_statistics
+
+    model, schedule, train = copy.deepcopy(problem["model"]), problem["schedule"], problem["train"]
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+    out: dict[str, Tensor] = {}
+    runs = [("jvp", "jvp", torch.Generator().manual_seed(4)),
+            ("finite-difference", "finite-difference", torch.Generator().manual_seed(5)),
+            ("global", "finite-difference", None)]  # fmt: skip
+    for name, method, generator in runs:
+        if generator is None:
+            torch.manual_seed(global_seed)
+        statistics = estimate_solver_statistics(
+            model, schedule, train, num_images=9, grid=5, method=method, batch_size=7,
+            generator=generator, progress=False,
+        )  # fmt: skip
+        for key in ("steps", "l", "s", "b"):
+            out[f"{name}.{key}"] = getattr(statistics, key)
+        out[f"{name}.seed"] = torch.tensor(statistics.info["seed"])
+        out[f"{name}.num_images"] = torch.tensor(statistics.num_images)
+    return out
+
+
+# The same for the solver statistics; rank r seeds its global generator with 11 + r, so the
+# generator=None run agrees with one process only if rank 0's seed and subset are used.
+DISTRIBUTED_SOLVER_WORKER = """
+import sys
+
+import torch
+from accelerate import PartialState
+
+state = PartialState(cpu=True)
+torch.set_num_threads(1)
+from kexue.testing.diffusion import distributed_problem, distributed_solver_results
+
+results = distributed_solver_results(distributed_problem(), 11 + state.process_index)
 results["world_size"] = torch.tensor(state.num_processes)
 torch.save(results, f"{sys.argv[1]}/rank{state.process_index}.pt")
 state.wait_for_everyone()
