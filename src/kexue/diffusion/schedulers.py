@@ -13,8 +13,9 @@ with ``v`` the optimal reverse variance ``sigma^2 + gamma^2 sbar_t^2`` of
 ``scheduler.timesteps`` (not for ``DDIMPipeline``, which converts any scheduler it is given to
 a ``DDIMScheduler``; build this one with ``eta=0`` for Analytic-DDIM).
 
-``docs/guides/few-step.md``, "In a diffusers pipeline". :class:`DPMSolverV3Scheduler` runs
-:func:`~kexue.diffusion.dpm_solver_v3.dpm_solver_v3_sample` one model call at a time: the plan of
+``docs/guides/few-step.md``, "DPM-Solver-v3 in a diffusers pipeline".
+:class:`DPMSolverV3Scheduler` runs :func:`~kexue.diffusion.dpm_solver_v3.dpm_solver_v3_sample`
+one model call at a time: the plan of
 :func:`~kexue.diffusion.dpm_solver_v3.dpm_solver_v3_plan` (every coefficient, per pixel, from
 kexue's :class:`~kexue.diffusion.solver_statistics.SolverStatistics`) is computed once per
 :meth:`~DPMSolverV3Scheduler.set_timesteps`; each ``step`` applies the corrector of the previous
