@@ -170,6 +170,14 @@ def test_add_noise_and_attributes(setup) -> None:
                                rtol=1e-5, atol=1e-6)  # fmt: skip
     assert len(scheduler) == T and scheduler.order == 1 and scheduler.init_noise_sigma == 1.0
     assert scheduler.config.solver_order == 3
+    # the schedule may be given as the pipeline's diffusers scheduler or its config
+    for given in (ddpm, dict(ddpm.config)):
+        again = DPMSolverV3Scheduler.from_statistics(statistics, given)
+        assert again.config.schedule == scheduler.config.schedule
+    with pytest.raises(ValueError, match="schedule"):
+        DPMSolverV3Scheduler.from_statistics(statistics, diffusers.DDPMScheduler(T))
+    with pytest.raises(TypeError, match="scheduler_or_config"):
+        DPMSolverV3Scheduler.from_statistics(statistics, "ddpm")
 
 
 def test_save_and_load_round_trip(setup, tmp_path: Path) -> None:

@@ -474,7 +474,7 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
     def from_statistics(
         cls,
         statistics: SolverStatistics,
-        schedule: NoiseSchedule | None = None,
+        schedule: NoiseSchedule | Mapping[str, Any] | Any | None = None,
         *,
         solver_order: int = 3,
         spacing: str = "trailing",
@@ -485,12 +485,16 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
         lower_order_final: bool | None = None,
     ) -> DPMSolverV3Scheduler:
         """The scheduler of the model whose ``statistics``
-        (:func:`~kexue.diffusion.estimate_solver_statistics`) are given; ``schedule`` defaults
-        to the one they record and is checked against them. The options are
+        (:func:`~kexue.diffusion.estimate_solver_statistics`) are given; ``schedule`` (a
+        :class:`~kexue.diffusion.NoiseSchedule`, or the pipeline's diffusers scheduler or its
+        config, converted by :func:`noise_schedule_from_diffusers`) defaults to the one they
+        record and is checked against them. The options are
         :func:`~kexue.diffusion.dpm_solver_v3.dpm_solver_v3_sample`'s (``solver_order``: its
         ``order``)."""
         if not isinstance(statistics, SolverStatistics):
             raise TypeError(f"statistics must be a SolverStatistics, got {describe(statistics)}")
+        if schedule is not None and not isinstance(schedule, NoiseSchedule):
+            schedule = noise_schedule_from_diffusers(schedule)
         if schedule is None:
             if not statistics.schedule_config:
                 raise ValueError("these statistics record no schedule: pass schedule=")
