@@ -33,6 +33,7 @@ __all__ = [
     "distributed_solver_results",
     "gaussian_eps",
     "gaussian_posterior_variance",
+    "perturbed_model",
     "point_eps",
     "reference_sample",
 ]
@@ -244,22 +245,29 @@ state.wait_for_everyone()
 """
 
 
-def distributed_solver_results(problem: dict, global_seed: int = 11) -> dict[str, Tensor]:
-    """What the many-process check of the solver statistics compares: ``l, s, b`` of
-    :func:`~kexue.diffusion.estimate_solver_statistics` by both methods from a seeded
-    generator, and (``"global.*"``) with ``generator=None`` after
-    ``torch.manual_seed(global_seed)`` (the seed and image subset must then be rank 0's).
-    The untrained U-Net's zero-initialised layers are perturbed (seeded) first: its output
-    would otherwise be 0 and its statistics trivial."""
+def perturbed_model(problem: dict, scale: float = 0.1, seed: int = 6) -> torch.nn.Module:
+    """A copy of the problem's untrained U-Net with seeded noise (std ``scale``) added to every
+    parameter: the untrained U-Net's zero-initialised output layers make its eps exactly 0,
+    which every split of the work reproduces trivially."""
     import copy
 
-    from kexue.diffusion.solver_statistics import estimate_solver_statistics
-
-    model, schedule, train = copy.deepcopy(problem["model"]), problem["schedule"], problem["train"]
-    gen = torch.Generator().manual_seed(6)
+    model = copy.deepcopy(problem["model"])
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+            param.add_(scale * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+    return model
+
+
+def distributed_solver_results(problem: dict, global_seed: int = 11) -> dict[str, Tensor]:
+    """What the many-process check of the solver statistics compares, on
+    :func:`perturbed_model`: ``l, s, b`` of :func:`~kexue.diffusion.estimate_solver_statistics`
+    by both methods from a seeded generator, and (``"global.*"``) with ``generator=None`` after
+    ``torch.manual_seed(global_seed)`` (the seed and image subset must then be rank 0's); and
+    (``"perturbed.*"``) :func:`distributed_results` of the same model, whose eps is not 0."""
+    from kexue.diffusion.solver_statistics import estimate_solver_statistics
+
+    model, schedule, train = perturbed_model(problem), problem["schedule"], problem["train"]
     out: dict[str, Tensor] = {}
     runs = [("jvp", "jvp", torch.Generator().manual_seed(4)),
             ("finite-difference", "finite-difference", torch.Generator().manual_seed(5)),
@@ -275,6 +283,10 @@ def distributed_solver_results(problem: dict, global_seed: int = 11) -> dict[str
             out[f"{name}.{key}"] = getattr(statistics, key)
         out[f"{name}.seed"] = torch.tensor(statistics.info["seed"])
         out[f"{name}.num_images"] = torch.tensor(statistics.num_images)
+    others = distributed_results({**problem, "model": model})
+    out.update(
+        {f"perturbed.{k}": v for k, v in others.items() if not k.startswith(("features", "probs"))}
+    )
     return out
 
 
