@@ -70,6 +70,7 @@ def test_schedule_from_diffusers_matches_alphas_cumprod(setup) -> None:
                                atol=0)  # fmt: skip
     from_config = noise_schedule_from_diffusers(dict(ddpm.config))
     assert torch.equal(from_config.abar, schedule.abar)
+    assert torch.equal(NoiseSchedule.from_diffusers(ddpm).abar, schedule.abar)  # the classmethod
     cosine = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2")
     torch.testing.assert_close(noise_schedule_from_diffusers(cosine).abar[1:] ** 2,
                                cosine.alphas_cumprod.double(), rtol=1e-6, atol=0)  # fmt: skip

@@ -31,6 +31,7 @@ from kexue.diffusion.likelihood import NLLResult, nll_bpd
 from kexue.diffusion.moments import DiffusionMoments, estimate_moments
 from kexue.diffusion.sampler import DiffusersEpsModel, from_diffusers, resolve_steps, sample
 from kexue.diffusion.schedule import NoiseSchedule, NoisyBatch
+from kexue.diffusion.solver_statistics import SolverStatistics, estimate_solver_statistics
 from kexue.diffusion.train import (
     DiffusionTrainConfig,
     Trainer,
@@ -57,6 +58,7 @@ __all__ = [
     "NoiseSchedule",
     "NoisyBatch",
     "SampleQuality",
+    "SolverStatistics",
     "Trainer",
     "UNet",
     "UNetConfig",
@@ -67,6 +69,7 @@ __all__ = [
     "diffusion_loss",
     "ema_from_checkpoint",
     "estimate_moments",
+    "estimate_solver_statistics",
     "fixed_variance",
     "frechet_distance",
     "from_diffusers",

@@ -121,6 +121,18 @@ class NoiseSchedule:
         return _with_config(schedule, {"kind": "cosine", "T": T, "s": s, "max_beta": max_beta})
 
     @classmethod
+    def from_diffusers(cls, scheduler_or_config: Any) -> NoiseSchedule:
+        """The schedule of a diffusers scheduler (or of its config dict), so that a model
+        trained with diffusers plugs into kexue's samplers and variance estimators.
+
+        Our ``abar_t^2`` equals diffusers' ``alphas_cumprod[t - 1]``; needs the ``diffusers``
+        extra (see ``docs/guides/few-step.md``).
+        """
+        from kexue.diffusion.schedulers import noise_schedule_from_diffusers
+
+        return noise_schedule_from_diffusers(scheduler_or_config)
+
+    @classmethod
     def from_config(cls, config: dict[str, Any]) -> NoiseSchedule:
         """Rebuild a schedule from :attr:`config` (as saved with a checkpoint)."""
         kind = config.get("kind")
