@@ -235,11 +235,12 @@ def nll_bpd(
     prior = 0.5 * (a_top**2 * x0_all**2 + b_top**2 - 1 - torch.log(b_top**2))
     prior = prior.flatten(1).sum(1)
     seed = shared_seed(generator)
-    mine = shard(torch.arange(n))  # images split over processes
+    # whole batches split over processes: each model call sees the batch one process would give
+    # it, so float32 outputs (which depend on the batch) and the result do not depend on N
+    batches = [torch.arange(b, min(b + batch_size, n)) for b in shard(range(0, n, batch_size))]
     with progress_bar(disable=not progress) as bar:
-        task = bar.add_task(f"NLL ({n} images, {K} steps)", total=len(mine) * K)
-        for start in range(0, len(mine), batch_size):
-            rows = mine[start : start + batch_size]
+        task = bar.add_task(f"NLL ({n} images, {K} steps)", total=sum(map(len, batches)) * K)
+        for rows in batches:
             x0 = x0_all[rows]
             for i in range(K - 1, -1, -1):
                 t = kept[i]
