@@ -1,10 +1,20 @@
-"""Shared test configuration: Hypothesis profiles.
+"""Shared test configuration: one torch thread per test process, Hypothesis profiles.
 
-The default profile is reproducible (``derandomize=True``) so CI runs are deterministic; run
-``pytest --hypothesis-profile=explore`` to search with fresh random seeds.
+The suite runs in two worker processes (pytest-xdist, ``-n 2`` in ``pyproject.toml``), each on
+one thread: the models of the tests are tiny, and two threads per worker on a 2-core machine
+spend their time spinning in OpenMP. Subprocesses the tests start inherit ``OMP_NUM_THREADS``.
+
+The default Hypothesis profile is reproducible (``derandomize=True``) so CI runs are
+deterministic; run ``pytest --hypothesis-profile=explore`` to search with fresh random seeds.
 """
 
+import os
+
+import torch
 from hypothesis import settings
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 settings.register_profile("default", deadline=None, derandomize=True, print_blob=True)
 settings.register_profile("explore", deadline=None, derandomize=False, print_blob=True)
