@@ -227,3 +227,18 @@ def test_a_capability_without_its_extra_names_it(module, extra):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("missing:") and f"kexue[{extra}]" in proc.stdout, proc.stdout
+
+
+def test_test_module_names_are_unique():
+    # tests/ has no __init__.py files: pytest's default import mode keys a test module by its
+    # file name, so two test_x.py in different folders break collection from a clean clone
+    tests = Path(__file__).resolve().parent
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted(tests.rglob("*.py")):
+        if path.name == "conftest.py" or "__pycache__" in path.parts:
+            continue
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(tests)} and {path.relative_to(tests)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, clashes
