@@ -27,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, Table, machine_line, main, markdown_table
 
 PLANS = {
-    "smoke": {"images": 4, "steps": 4, "nll_images": 4, "nll_steps": 3, "processes": [1, 2]},
-    "default": {"images": 32, "steps": 40, "nll_images": 32, "nll_steps": 10, "processes": [1, 2]},
-}
+    "smoke": {"images": 4, "steps": 4, "nll_images": 4, "nll_steps": 3, "nll_batch": 2,
+              "processes": [1, 2]},
+    "default": {"images": 32, "steps": 40, "nll_images": 32, "nll_steps": 10, "nll_batch": 16,
+                "processes": [1, 2]},
+}  # fmt: skip
 
 
 def worker(out: Path, settings: dict[str, Any]) -> None:
@@ -54,6 +56,7 @@ def worker(out: Path, settings: dict[str, Any]) -> None:
     state.wait_for_everyone()
     t1 = time.perf_counter()
     nll = nll_bpd(model, model.schedule, held, steps=settings["nll_steps"], progress=False,
+                  batch_size=settings.get("nll_batch", 250),
                   generator=torch.Generator().manual_seed(1))  # fmt: skip
     state.wait_for_everyone()
     t2 = time.perf_counter()
@@ -118,8 +121,9 @@ def render(results: dict[str, Any], out: Path) -> str:
     ))  # fmt: skip
     return f"""# Many processes: estimate_moments and nll_bpd under accelerate launch
 
-`estimate_moments` splits its (image, step) pairs and `nll_bpd` its images over the processes
-of `accelerate launch` (any initialised `torch.distributed` group); each pair's noise is keyed
+`estimate_moments` splits its (image, step) pairs and `nll_bpd` its batches of images (here
+{s["nll_batch"]} per batch) over the processes of `accelerate launch` (any initialised
+`torch.distributed` group); each pair's noise is keyed
 by the seed, the image and the step, and partial sums are reduced in float64, so every process
 returns the result of one process (the last two columns: differences against 1 process).
 
