@@ -48,11 +48,15 @@ def test_train_gan_writes_a_loadable_generator_and_its_command(tmp_path, capsys,
     from kexue.hubness import DigitGenerator
 
     argv = ["hubness", "train-gan", str(tmp_path / "run"), "--steps", "2", "--no-progress"]
-    code, out, _ = run_cli(argv, capsys)
+    options = ["--d-channels", "8", "--lr", "0.001", "--keep-checkpoints", "3"]
+    code, out, _ = run_cli([*argv, *options], capsys)
     assert code == 0 and "trained to step 2" in out
     gan = DigitGenerator.from_pretrained(tmp_path / "run" / "generator")
     assert gan.training_info["step"] == 2
     assert gan.training_info["command"].startswith("kexue hubness train-gan")
+    assert " ".join(options) in gan.training_info["command"]
+    config = gan.training_info["config"]
+    assert (config["d_channels"], config["lr"], config["keep_checkpoints"]) == (8, 1e-3, 3)
     code, out, _ = run_cli([*argv[:3], "--resume", "--steps", "3", "--no-progress"], capsys)
     assert code == 0 and "trained to step 3" in out
 
@@ -66,6 +70,7 @@ def test_train_gan_writes_a_loadable_generator_and_its_command(tmp_path, capsys,
         (["hubness", "latents", "z.txt"], "must end in .npy or .pt"),
         (["hubness", "latents", "{z}", "--threshold", "20000"], "can never be met"),
         (["hubness", "train-gan", "{run}", "--resume"], "holds no GAN checkpoint"),
+        (["hubness", "train-gan", "{run}/new", "--lr", "0"], "lr must be > 0"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, argv, fragment, capsys):

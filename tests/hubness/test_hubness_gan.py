@@ -25,8 +25,9 @@ def _digits(n: int = 40, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 15 open: the shipped generator (5,000 steps on 2 shared CPU cores) reaches a "
-    "mean confidence of 0.82, not 0.9; the bar stays, the generator needs more training",
+    reason="issue 15 open: the shipped generator (9,000 steps, about 37 CPU-minutes) reaches a "
+    "mean confidence of 0.83, not 0.9 (its labels are balanced); the bar stays, the generator "
+    "needs more capacity or training than two shared CPU cores gave",
 )
 def test_shipped_generator_draws_recognisable_balanced_digits():
     from kexue.diffusion import DigitEvaluator

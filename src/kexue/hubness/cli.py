@@ -130,10 +130,19 @@ def train_gan_command(
     steps: Annotated[int, typer.Option(min=1, help="Training steps (batches of 64).")] = 10_000,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the weights and every draw.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue OUT from its latest checkpoint.")] = False,
+    d_channels: Annotated[
+        int, typer.Option(min=1, help="Critic channels at 14 x 14 (new runs only).")
+    ] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate, > 0 (new runs only).")] = 2e-4,
+    keep_checkpoints: Annotated[
+        int, typer.Option(min=1, help="Newest checkpoints kept (new runs only).")
+    ] = 2,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: default).")] = 0,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
-    """Train the digit GAN on mnist5k's 4,000 training digits (hub-prior experiments)."""
+    """Train the digit GAN on mnist5k's 4,000 training digits (hub-prior experiments).
+
+    A resumed run keeps the settings it was started with; only ``--steps`` extends it."""
     import shlex
 
     import torch
@@ -143,12 +152,18 @@ def train_gan_command(
     if threads:
         torch.set_num_threads(threads)
     command = f"kexue hubness train-gan {shlex.quote(str(out))} --steps {steps}" + (
-        " --resume" if resume else f" --seed {seed}"
+        " --resume"
+        if resume
+        else f" --seed {seed} --d-channels {d_channels} --lr {lr:g}"
+        f" --keep-checkpoints {keep_checkpoints}"
     )
     try:
+        config = GANTrainConfig(
+            steps=steps, seed=seed, d_channels=d_channels, lr=lr, keep_checkpoints=keep_checkpoints
+        )
         generator = train_gan(
             out,
-            None if resume else GANTrainConfig(steps=steps, seed=seed),
+            None if resume else config,
             resume=resume,
             steps=steps if resume else None,
             progress=progress,
