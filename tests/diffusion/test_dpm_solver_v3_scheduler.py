@@ -27,32 +27,15 @@ from kexue.diffusion.schedulers import (  # noqa: E402
     DPMSolverV3Scheduler,
     noise_schedule_from_diffusers,
 )
+from kexue.testing.diffusion import tiny_diffusers_unet  # noqa: E402
 
 T = 40
 SHAPE = (3, 1, 8, 8)
 
 
-def tiny_unet() -> diffusers.UNet2DModel:
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
-    ).eval()  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two on a loaded machine (and the same numbers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def setup(one_thread):
-    unet = tiny_unet()
+def setup():
+    unet = tiny_diffusers_unet()
     ddpm = diffusers.DDPMScheduler(num_train_timesteps=T, beta_start=1e-3, beta_end=0.05)
     schedule = noise_schedule_from_diffusers(ddpm)
     data = torch.rand((12, 1, 8, 8), generator=torch.Generator().manual_seed(1)) * 2 - 1

@@ -256,15 +256,11 @@ def test_nan_from_the_model_names_the_step():
 def test_works_with_a_diffusers_unet():
     """The whole pipeline takes any eps-model, here a diffusers UNet2DModel via from_diffusers:
     moments, optimal variance with its shape check, sampling and the NLL bound."""
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from kexue.diffusion import estimate_moments, from_diffusers, optimal_variance, sample
+    from kexue.testing.diffusion import tiny_diffusers_unet
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
-    )  # fmt: skip
+    unet = tiny_diffusers_unet()
     model = from_diffusers(unet).eval()
     s = NoiseSchedule.su_linear(50)
     data = torch.round(torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 255)

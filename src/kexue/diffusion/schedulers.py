@@ -128,6 +128,101 @@ def noise_schedule_from_diffusers(scheduler_or_config: Any) -> NoiseSchedule:
 
 
 @dataclass
+class _KexueScheduler(SchedulerMixin, ConfigMixin):
+    """What kexue's diffusers schedulers share: a kexue :class:`~kexue.diffusion.NoiseSchedule`
+    from the config, diffusers' 0-based timesteps (``k = t - 1``), the identity model input, the
+    forward process, and the kexue object each is built from (``_SAVED``: the attribute and the
+    folder beside ``scheduler_config.json``; ``_BUILDER``: the constructor that attaches it)."""
+
+    config_name = "scheduler_config.json"
+    order = 1  # one model call per step
+    _SAVED: ClassVar[str]
+    _BUILDER: ClassVar[str]
+
+    def _init_schedule(self, num_train_timesteps: int, schedule: dict[str, Any] | None) -> None:
+        self.noise_schedule = (
+            NoiseSchedule.from_config(schedule)
+            if schedule is not None
+            else NoiseSchedule.su_linear(check_int(num_train_timesteps, "num_train_timesteps"))
+        )
+        if self.noise_schedule.T != num_train_timesteps:
+            raise ValueError(
+                f"num_train_timesteps={num_train_timesteps} but the schedule has "
+                f"T={self.noise_schedule.T}"
+            )
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+
+    @classmethod
+    def _load_saved(cls, folder: Path) -> Any:
+        raise NotImplementedError
+
+    def _attach(self, saved: Any) -> None:
+        raise NotImplementedError
+
+    def _model_steps(self) -> list[int] | None:
+        """kexue's steps of the model calls (``None`` before :meth:`set_timesteps`)."""
+        raise NotImplementedError
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any
+    ) -> None:
+        """``scheduler_config.json`` (diffusers) and the kexue object it is built from, in its
+        own safetensors folder beside it."""
+        saved = getattr(self, self._SAVED)
+        if saved is None:
+            raise ValueError(
+                f"this scheduler has no {self._SAVED} to save (build it with {self._BUILDER})"
+            )
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        saved.save_pretrained(Path(save_directory) / self._SAVED)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Load a folder written by :meth:`save_pretrained` (a local folder: the kexue object
+        is read with kexue's checks)."""
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        if not (folder / cls._SAVED).is_dir():
+            raise ValueError(f"{folder} holds no {cls._SAVED}/ folder: not a saved "
+                             f"{cls.__name__}")  # fmt: skip
+        saved = cls._load_saved(folder / cls._SAVED)
+        scheduler = super().from_pretrained(folder, **kwargs)
+        scheduler._attach(saved)
+        return scheduler
+
+    def scale_model_input(self, sample: Tensor, timestep: int | Tensor | None = None) -> Tensor:
+        """The identity (the model takes ``x_t`` as it is)."""
+        return sample
+
+    def _index(self, timestep: int | Tensor) -> int:
+        steps = self._model_steps()
+        if steps is None:
+            raise ValueError("call set_timesteps before step")
+        k = int(timestep.flatten()[0]) if isinstance(timestep, Tensor) else int(timestep)
+        try:
+            return steps.index(k + 1)
+        except ValueError:
+            raise ValueError(
+                f"timestep {k} is not one of this scheduler's timesteps "
+                f"{self.timesteps.tolist()[:4]}...: loop over scheduler.timesteps"
+            ) from None
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The forward process at diffusers' ``timesteps`` (0-based, long ``(N,)``):
+        ``abar_{k+1} x_0 + bbar_{k+1} noise``."""
+        timesteps = torch.as_tensor(timesteps)
+        return self.noise_schedule.add_noise(original_samples, noise, timesteps.long() + 1)
+
+    def __len__(self) -> int:
+        return int(self.config.num_train_timesteps)
+
+
 class AnalyticDPMSchedulerOutput(BaseOutput):
     """``prev_sample``: ``x_s``, the next model input; ``pred_original_sample``: ``x0_hat``."""
 
@@ -135,7 +230,7 @@ class AnalyticDPMSchedulerOutput(BaseOutput):
     pred_original_sample: Tensor | None = None
 
 
-class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
+class AnalyticDPMScheduler(_KexueScheduler):
     """Analytic-DPM (the optimal reverse variance) as a diffusers scheduler.
 
     Build it with :meth:`from_moments` from the moments of the model it will run with; its
@@ -149,9 +244,9 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     the same images as kexue's sampler.
     """
 
-    config_name = "scheduler_config.json"
     ignore_for_config: ClassVar[list[str]] = ["moments"]
-    order = 1
+    _SAVED = MOMENTS_FOLDER
+    _BUILDER = "from_moments"
 
     @register_to_config
     def __init__(
@@ -167,16 +262,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         image_shape: list[int] | None = None,
         moments: DiffusionMoments | None = None,
     ) -> None:
-        self.noise_schedule = (
-            NoiseSchedule.from_config(schedule)
-            if schedule is not None
-            else NoiseSchedule.su_linear(check_int(num_train_timesteps, "num_train_timesteps"))
-        )
-        if self.noise_schedule.T != num_train_timesteps:
-            raise ValueError(
-                f"num_train_timesteps={num_train_timesteps} but the schedule has "
-                f"T={self.noise_schedule.T}"
-            )
+        self._init_schedule(num_train_timesteps, schedule)
         check_real(eta, "eta", low=0.0)
         check_choice(kind, "kind", KINDS)
         check_choice(last_step, "last_step", LAST_STEP)
@@ -184,9 +270,6 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self.moments: DiffusionMoments | None = None
         if moments is not None:
             self.attach_moments(moments)
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
         self.steps: list[int] = []  # kexue's kept steps (increasing), after set_timesteps
         self.variances: Tensor | None = None  # (K, ...) float64, entry i: jump from steps[i]
 
@@ -232,32 +315,15 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         moments.check(self.noise_schedule, self.config.image_shape)
         self.moments = moments
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any
-    ) -> None:
-        """``scheduler_config.json`` (diffusers) and ``moments/`` (kexue's safetensors folder)."""
-        if self.moments is None:
-            raise ValueError("this scheduler has no moments to save (build it with from_moments)")
-        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        self.moments.save_pretrained(Path(save_directory) / MOMENTS_FOLDER)
-
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        subfolder: str | None = None,
-        **kwargs: Any,
-    ) -> AnalyticDPMScheduler:
-        """Load a folder written by :meth:`save_pretrained` (a local folder: the moments are
-        read with kexue's checks)."""
-        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
-        if not (folder / MOMENTS_FOLDER).is_dir():
-            raise ValueError(f"{folder} holds no {MOMENTS_FOLDER}/ folder: not a saved "
-                             "AnalyticDPMScheduler")  # fmt: skip
-        moments = DiffusionMoments.from_pretrained(folder / MOMENTS_FOLDER)
-        scheduler = super().from_pretrained(folder, **kwargs)
-        scheduler.attach_moments(moments)
-        return scheduler
+    def _load_saved(cls, folder: Path) -> DiffusionMoments:
+        return DiffusionMoments.from_pretrained(folder)
+
+    def _attach(self, saved: DiffusionMoments) -> None:
+        self.attach_moments(saved)
+
+    def _model_steps(self) -> list[int] | None:
+        return None if self.variances is None else self.steps
 
     # ------------------------------------------------------------------ diffusers API
     def set_timesteps(
@@ -293,26 +359,10 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(kept)
         self.timesteps = torch.tensor(kept[::-1], dtype=torch.long, device=device) - 1
 
-    def scale_model_input(self, sample: Tensor, timestep: int | Tensor | None = None) -> Tensor:
-        """The identity (the model takes ``x_t`` as it is)."""
-        return sample
-
     def previous_timestep(self, timestep: int | Tensor) -> int:
         """The diffusers timestep the jump from ``timestep`` lands on (-1: clean data)."""
         i = self._index(timestep)
         return self.steps[i - 1] - 1 if i > 0 else -1
-
-    def _index(self, timestep: int | Tensor) -> int:
-        if self.variances is None:
-            raise ValueError("call set_timesteps before step")
-        k = int(timestep.flatten()[0]) if isinstance(timestep, Tensor) else int(timestep)
-        try:
-            return self.steps.index(k + 1)
-        except ValueError:
-            raise ValueError(
-                f"timestep {k} is not one of this scheduler's timesteps "
-                f"{self.timesteps.tolist()[:4]}...: loop over scheduler.timesteps"
-            ) from None
 
     def step(
         self,
@@ -380,15 +430,6 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             return (prev,)
         return AnalyticDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
-    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """The forward process at diffusers' ``timesteps`` (0-based, long ``(N,)``):
-        ``abar_{k+1} x_0 + bbar_{k+1} noise``."""
-        timesteps = torch.as_tensor(timesteps)
-        return self.noise_schedule.add_noise(original_samples, noise, timesteps.long() + 1)
-
-    def __len__(self) -> int:
-        return int(self.config.num_train_timesteps)
-
 
 @dataclass
 class DPMSolverV3SchedulerOutput(BaseOutput):
@@ -400,7 +441,7 @@ class DPMSolverV3SchedulerOutput(BaseOutput):
     pred_original_sample: Tensor | None = None
 
 
-class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
+class DPMSolverV3Scheduler(_KexueScheduler):
     """DPM-Solver-v3 (``docs/guides/few-step.md``, "DPM-Solver-v3") as a diffusers scheduler.
 
     Build it with :meth:`from_statistics` from the
@@ -419,9 +460,9 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
     images from the same ``x_T`` (the same arithmetic, in float32 for half-precision samples).
     """
 
-    config_name = "scheduler_config.json"
     ignore_for_config: ClassVar[list[str]] = ["statistics"]
-    order = 1  # one model call per step (the solver's own order is config.solver_order)
+    _SAVED = STATISTICS_FOLDER  # one model call per step: order 1 (the solver's: solver_order)
+    _BUILDER = "from_statistics"
 
     @register_to_config
     def __init__(
@@ -438,16 +479,7 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
         lower_order_final: bool | None = None,
         statistics: SolverStatistics | None = None,
     ) -> None:
-        self.noise_schedule = (
-            NoiseSchedule.from_config(schedule)
-            if schedule is not None
-            else NoiseSchedule.su_linear(check_int(num_train_timesteps, "num_train_timesteps"))
-        )
-        if self.noise_schedule.T != num_train_timesteps:
-            raise ValueError(
-                f"num_train_timesteps={num_train_timesteps} but the schedule has "
-                f"T={self.noise_schedule.T}"
-            )
+        self._init_schedule(num_train_timesteps, schedule)
         check_int(solver_order, "solver_order", low=1, high=MAX_ORDER)
         check_choice(spacing, "spacing", SPACINGS)
         for name, value in (("pseudo_order", pseudo_order),
@@ -460,9 +492,6 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
         self.statistics: SolverStatistics | None = None
         if statistics is not None:
             self.attach_statistics(statistics)
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
         self.plan: V3Plan | None = None  # after set_timesteps
         self._on: dict[tuple[torch.device, torch.dtype], _PlanOn] = {}
         self._fs: dict[int, Tensor] = {}  # rescaled model outputs f[j] of this trajectory
@@ -518,34 +547,15 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
         statistics.check(self.noise_schedule, self.config.image_shape)
         self.statistics = statistics
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any
-    ) -> None:
-        """``scheduler_config.json`` (diffusers) and ``statistics/`` (kexue's safetensors)."""
-        if self.statistics is None:
-            raise ValueError(
-                "this scheduler has no statistics to save (build it with from_statistics)"
-            )
-        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        self.statistics.save_pretrained(Path(save_directory) / STATISTICS_FOLDER)
-
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        subfolder: str | None = None,
-        **kwargs: Any,
-    ) -> DPMSolverV3Scheduler:
-        """Load a folder written by :meth:`save_pretrained` (a local folder: the statistics
-        are read with kexue's checks)."""
-        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
-        if not (folder / STATISTICS_FOLDER).is_dir():
-            raise ValueError(f"{folder} holds no {STATISTICS_FOLDER}/ folder: not a saved "
-                             "DPMSolverV3Scheduler")  # fmt: skip
-        statistics = SolverStatistics.from_pretrained(folder / STATISTICS_FOLDER)
-        scheduler = super().from_pretrained(folder, **kwargs)
-        scheduler.attach_statistics(statistics)
-        return scheduler
+    def _load_saved(cls, folder: Path) -> SolverStatistics:
+        return SolverStatistics.from_pretrained(folder)
+
+    def _attach(self, saved: SolverStatistics) -> None:
+        self.attach_statistics(saved)
+
+    def _model_steps(self) -> list[int] | None:
+        return None if self.plan is None else self.plan.steps
 
     # ------------------------------------------------------------------ diffusers API
     def set_timesteps(
@@ -584,28 +594,12 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
     def _restart(self) -> None:
         self._fs, self._x_base, self._next = {}, None, 0
 
-    def scale_model_input(self, sample: Tensor, timestep: int | Tensor | None = None) -> Tensor:
-        """The identity (the model takes ``x_t`` as it is)."""
-        return sample
-
     def previous_timestep(self, timestep: int | Tensor) -> int:
         """The diffusers timestep the step from ``timestep`` lands on (-1: clean data)."""
         i = self._index(timestep)
         assert self.plan is not None
         steps = self.plan.steps
         return (steps[i + 1] if i + 1 < len(steps) else self.plan.final_step) - 1
-
-    def _index(self, timestep: int | Tensor) -> int:
-        if self.plan is None:
-            raise ValueError("call set_timesteps before step")
-        k = int(timestep.flatten()[0]) if isinstance(timestep, Tensor) else int(timestep)
-        try:
-            return self.plan.steps.index(k + 1)
-        except ValueError:
-            raise ValueError(
-                f"timestep {k} is not one of this scheduler's timesteps "
-                f"{self.timesteps.tolist()[:4]}...: loop over scheduler.timesteps"
-            ) from None
 
     def _plan_on(self, device: torch.device, dtype: torch.dtype) -> _PlanOn:
         key = (device, dtype)
@@ -689,15 +683,6 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev,)
         return DPMSolverV3SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """The forward process at diffusers' ``timesteps`` (0-based, long ``(N,)``):
-        ``abar_{k+1} x_0 + bbar_{k+1} noise``."""
-        timesteps = torch.as_tensor(timesteps)
-        return self.noise_schedule.add_noise(original_samples, noise, timesteps.long() + 1)
-
-    def __len__(self) -> int:
-        return int(self.config.num_train_timesteps)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -174,6 +175,20 @@ def reference_sample(
         std = torch.as_tensor(variances[i - 1], dtype=torch.float64).sqrt()
         x = c / bbar[t] * x + gamma * x0_hat + std * z
     return x
+
+
+def tiny_diffusers_unet(seed: int = 0) -> torch.nn.Module:
+    """A tiny random diffusers ``UNet2DModel`` on 1 x 8 x 8 images (eval mode), the diffusers
+    model of the tests (needs the ``diffusion`` extra)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    )  # fmt: skip
+    return cast(torch.nn.Module, unet).eval()  # diffusers' ModelMixin is an nn.Module
 
 
 def distributed_problem(T: int = 20) -> dict:
