@@ -31,7 +31,7 @@ from torch import Tensor
 
 from kexue.exceptions import CheckpointError
 from kexue.extras import require
-from kexue.io import fsync_dir, sha256_bytes, write_json_atomic
+from kexue.io import fsync_dir, read_verified, sha256_bytes, write_json_atomic
 
 __all__ = [
     "CheckpointError",
@@ -149,16 +149,6 @@ def load_checkpoint(
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{manifest} is corrupted: {err}") from err
     st = require("safetensors.torch", extra)
-    tensors = {}
-    for file_name, digest in state.get("files", {}).items():
-        file = path / file_name
-        if not file.exists():
-            raise CheckpointError(f"checkpoint {path} is missing {file_name}")
-        data = file.read_bytes()
-        if sha256_bytes(data) != digest:
-            raise CheckpointError(
-                f"checkpoint {path}: {file_name} does not match its recorded SHA-256 "
-                "(truncated or altered); refusing to load it"
-            )
-        tensors[file_name.removesuffix(".safetensors")] = st.load(data)
+    files = read_verified(path, state.get("files", {}), f"checkpoint {path}")
+    tensors = {name.removesuffix(".safetensors"): st.load(data) for name, data in files.items()}
     return tensors, state

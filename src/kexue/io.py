@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +92,24 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_verified(folder: Path, digests: Mapping[str, str], where: str) -> dict[str, bytes]:
+    """The bytes of each file ``name`` in ``folder`` whose SHA-256 is ``digests[name]`` (as
+    recorded when it was written); :class:`~kexue.exceptions.CheckpointError` naming ``where``
+    for a missing file or one whose bytes do not match."""
+    from kexue.exceptions import CheckpointError
+
+    out = {}
+    for name, digest in digests.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{where} is missing {name} (incomplete write?)")
+        data = path.read_bytes()
+        if sha256_bytes(data) != digest:
+            raise CheckpointError(
+                f"{where}: {name} does not match its recorded SHA-256 (truncated, altered or "
+                "from another save); refusing to load it"
+            )
+        out[name] = data
+    return out

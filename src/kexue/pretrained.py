@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kexue.exceptions import CheckpointError
 from kexue.extras import require
-from kexue.io import sha256_bytes, write_bytes_atomic, write_json_atomic
+from kexue.io import read_verified, sha256_bytes, write_bytes_atomic, write_json_atomic
 
 __all__ = [
     "CONFIG_NAME",
@@ -149,18 +149,8 @@ def load_folder(
             f"{folder} was written in format {saved!r} of {kind}; this kexue reads formats "
             f"1..{version}: upgrade kexue"
         )
-    tensors = {}
-    for name, digest in dict(config.get("_sha256", {})).items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{folder} is missing {name} (incomplete save?)")
-        data = path.read_bytes()
-        if sha256_bytes(data) != digest:
-            raise CheckpointError(
-                f"{path} does not match the SHA-256 recorded in {CONFIG_NAME} (truncated, "
-                "altered or from another save); refusing to load it"
-            )
-        tensors[name.removesuffix(".safetensors")] = st.load(data)
+    files = read_verified(folder, dict(config.get("_sha256", {})), str(folder))
+    tensors = {name.removesuffix(".safetensors"): st.load(data) for name, data in files.items()}
     return {k: v for k, v in config.items() if k not in _META}, tensors
 
 
