@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, Table, machine_line, main, markdown_table
+from kexue.distributed import free_port
 
 PLANS = {
     "smoke": {"images": 4, "steps": 4, "nll_images": 4, "nll_steps": 3, "nll_batch": 2,
@@ -65,12 +65,6 @@ def worker(out: Path, settings: dict[str, Any]) -> None:
         result = {"processes": state.num_processes, "moments_s": t1 - t0, "nll_s": t2 - t1,
                   "gamma": moments.Gamma[idx].tolist(), "bpd": nll.bpd}  # fmt: skip
         (out / f"p{state.num_processes}.json").write_text(json.dumps(result))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def measure(plan: str, args) -> dict[str, Any]:

@@ -11,6 +11,7 @@ rounding. Without an initialised process group every function is the one-process
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -126,3 +127,10 @@ def assemble(values: Tensor, index: Sequence[int] | Tensor, total: int) -> Tenso
     out = torch.zeros((total, *values.shape[1:]), dtype=values.dtype, device=values.device)
     out[torch.as_tensor(index, dtype=torch.long, device=values.device)] = values
     return all_reduce_sum(out)
+
+
+def free_port() -> int:
+    """A TCP port of this machine that is free now (for a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -8,7 +8,6 @@ and partial sums are reduced in float64, so only float64 rounding may differ.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,32 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from kexue.testing.diffusion import DISTRIBUTED_WORKER, distributed_problem, distributed_results
+from kexue.testing.diffusion import (
+    DISTRIBUTED_WORKER,
+    distributed_problem,
+    distributed_results,
+    launch_worker,
+)
 
 pytest.importorskip("accelerate")
 
 
 def launch(tmp_path: Path, processes: int) -> list[dict[str, torch.Tensor]]:
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.exists():
-        pytest.skip("accelerate CLI not installed")
-    script = tmp_path / "worker.py"
-    script.write_text(DISTRIBUTED_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    # accelerate's --cpu alone starts one process unless MPI is set up: torchrun (--multi_gpu)
-    # with ACCELERATE_USE_CPU starts CPU processes joined by gloo
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(script), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(processes)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    try:
+        return launch_worker(DISTRIBUTED_WORKER, tmp_path, processes)
+    except FileNotFoundError as err:  # no accelerate command
+        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from kexue.distributed import is_main_process
+from kexue.distributed import free_port, is_main_process
 from kexue.lst.run import RunSpec, load_inputs, run
 from kexue.validation import check_int
 
@@ -98,13 +97,6 @@ def measure(spec: RunSpec, *, threads: int | None = None, idle: bool = False) ->
 
     result = run(spec, inputs=inputs, progress=False, after_training=after_training)
     return {**header, **result.to_dict()}
-
-
-def free_port() -> int:
-    """A TCP port of this machine that is free now (for a process group's rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def measure_in_subprocess(

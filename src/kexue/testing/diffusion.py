@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import cast
 
 import torch
@@ -322,3 +323,30 @@ results["world_size"] = torch.tensor(state.num_processes)
 torch.save(results, f"{sys.argv[1]}/rank{state.process_index}.pt")
 state.wait_for_everyone()
 """
+
+
+def launch_worker(source: str, folder: Path, processes: int) -> list[dict[str, Tensor]]:
+    """Run the worker script ``source`` (one of the ``DISTRIBUTED_*WORKER`` texts) on
+    ``processes`` CPU processes under ``accelerate launch`` and return each rank's saved
+    results (``folder/rank{r}.pt``). ``accelerate``'s ``--cpu`` alone starts one process unless
+    MPI is set up: torchrun (``--multi_gpu``) with ``ACCELERATE_USE_CPU`` starts CPU processes
+    joined by gloo."""
+    import os
+    import subprocess
+    import sys
+
+    from kexue.distributed import free_port
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        raise FileNotFoundError(f"the accelerate command is not installed beside {sys.executable}")
+    script = folder / "worker.py"
+    script.write_text(source)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(script), str(folder)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{processes} processes failed:\n{done.stderr[-3000:]}")
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(processes)]
