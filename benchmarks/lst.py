@@ -1,4 +1,4 @@
-"""Benchmark of kexue.lst -> docs/benchmarks/lst.md (+ lst.json, lst-*.png).
+"""Benchmark of kexue.lst -> docs/benchmarks/lst.md (+ lst.json, lst_scale.json, lst-*.png).
 
 Full fine-tuning, LoRA (peft), LST with random init, LST with Fisher-pruning init and LST with
 Fisher init and a cached backbone, on the same backbone (the pretrained MiniLM-L6 of
@@ -14,24 +14,36 @@ Plans:
 - ``default`` (the committed page; about 20 minutes on 2 CPU cores): GLUE SST-2 from
   ``../shared/data/glue/SST-2`` (a fixed 2,000-sentence subset of the training set, the full
   dev set), 3 epochs, seeds 0, 1, 2, one process per run.
+- ``scale`` (LST at scale, issue 13; ``lst_scale.json``, a section of the same page): memory
+  and time per training step of full fine-tuning, LoRA and LST (random init) on BERT-family
+  backbones built from a ``BertConfig`` with random weights (``--sizes``, default
+  ``bert-base,bert-large``; ``tiny`` for the smoke test), batch 8 of 128-token texts, 6 steps,
+  one process per run. On CUDA when available (then also LST with a bf16 backbone), else on
+  the CPU with every core (``--threads``).
 
-Both plans also measure data-parallel training (``kexue.lst`` under ``torchrun``): seed 0 of
-some methods on 2 CPU processes of one torch thread each, and on 1 process of two threads,
-against the 1-process, 1-thread run. The GPU scale run of issue 13 (the largest BERT-family
-backbone, memory and time per step against full fine-tuning and LoRA) runs only where CUDA is
-available; the page says when it was not run.
+``smoke`` and ``default`` also measure data-parallel training (``kexue.lst`` under
+``torchrun``): seed 0 of some methods on 2 CPU processes of one torch thread each, and on 1
+process of two threads, against the 1-process, 1-thread run. The page renders the ``scale``
+section from ``lst_scale.json`` when it exists and says when that run was on the CPU, not a
+GPU (or, without it, that the scale run was not made).
 
 Usage: ``python benchmarks/lst.py --plan default`` (takes the CPU lock), ``--plan smoke``,
-``--render-only`` (re-render the page from lst.json).
+``--plan scale`` (takes the CPU lock unless only ``--sizes tiny``), ``--render-only``
+(re-render the page from lst.json and lst_scale.json).
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import os
+import shutil
 import statistics
+import sys
 import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +54,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from _common import SHARED_DATA, Table, machine_line, main, markdown_table
+from _common import (
+    DOCS,
+    SHARED_DATA,
+    Table,
+    command_line,
+    heavy_lock,
+    machine_line,
+    main,
+    markdown_table,
+)
 from kexue.experiments.lst import (
     FULL,
     LORA,
@@ -53,6 +74,7 @@ from kexue.experiments.lst import (
     minilm_path,
     write_vader_split,
 )
+from kexue.experiments.machine import machine_info
 from kexue.lst import RunSpec, read_tsv
 from kexue.lst.classifier import LORA_SETTINGS
 from kexue.lst.measure import measure as measure_here
@@ -465,6 +487,8 @@ def render(results: dict, out: Path) -> str:
         f"Load average (1 min) before the first run / highest after a run / after the last: "
         f"{loads[0]:.1f} / {max(loads):.1f} / {loads[-1]:.1f}.",
     ]
+    if results.get("conditions"):  # what else ran on the machine, added by hand after a run
+        lines += ["", f"Conditions: {results['conditions']}"]
     if results["in_process"]:
         lines += [
             "",
@@ -557,7 +581,7 @@ def render(results: dict, out: Path) -> str:
         "",
         *parallel_lines(results),
         "",
-        *gpu_lines(results),
+        *scale_or_gpu_lines(results, out),
         "",
         "## Gates after training",
         "",
@@ -574,5 +598,407 @@ def render(results: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+# -- the scale plan: LST at scale, on backbones built from a config -----------------------------
+
+SCALE_JSON = "lst_scale.json"
+SCALE_TITLE = "## LST at scale (backbones built from a config)"
+SCALE_ONLY_TITLE = "# Benchmark: Ladder Side-Tuning (kexue.lst) at scale"
+#: BERT shapes (``BertConfig`` fields) of the scale plan; ``tiny`` is the smoke test's
+SCALE_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
+    "bert-base": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
+    "bert-large": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+    },
+}
+SCALE_DEFAULT_SIZES = "bert-base,bert-large"
+LST_BF16 = "LST, random init, bf16 backbone"
+SCALE_METHODS: dict[str, dict[str, Any]] = {
+    FULL: METHODS[FULL],
+    LORA: METHODS[LORA],
+    LST_RANDOM: METHODS[LST_RANDOM],
+    LST_BF16: {**METHODS[LST_RANDOM], "mixed_precision": "bf16"},  # CUDA with bf16 only
+}
+SCALE: dict[str, int] = {
+    "vocab_size": 30522,  # bert-base-uncased's, the vocabulary of MiniLM's tokenizer
+    "batch_size": 8,
+    "max_length": 128,
+    "steps": 6,  # per epoch
+    "eval_rows": 2,
+    "seed": 0,
+}
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+# each text repeats its phrase far past max_length, so every example has max_length tokens
+PHRASES = (
+    "a dull, clumsy and tiresome film that i hated",
+    "a warm, funny and moving film that i loved",
+)
+
+
+def write_scale_data(folder: Path) -> tuple[Path, Path]:
+    """Training (``steps`` batches) and evaluation TSV files of long texts, two classes."""
+    rows = SCALE["steps"] * SCALE["batch_size"]
+    paths = folder / "train.tsv", folder / "eval.tsv"
+    for path, n in zip(paths, (rows, SCALE["eval_rows"]), strict=True):
+        lines = [f"{i % 2}\treview {i}: " + " ".join([PHRASES[i % 2]] * 24) for i in range(n)]
+        path.write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def build_backbone(folder: Path, size: str, seed: int = SCALE["seed"]) -> int:
+    """Save a BERT of ``size`` with random weights (``seed``) as safetensors in ``folder``,
+    with MiniLM's tokenizer files; returns its number of parameters."""
+    from transformers import BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    config = BertConfig(vocab_size=SCALE["vocab_size"], **SCALE_SIZES[size])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    source = Path(minilm_path())
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+    return sum(p.numel() for p in model.parameters())
+
+
+def scale_memory_mib(run: dict) -> float:
+    """Peak training memory: torch's GPU allocations on CUDA, else the resident set's."""
+    return run.get("cuda_peak_train_mib", run["peak_train_mib"])
+
+
+def scale_step_ms(run: dict) -> float:
+    """The last epoch's wall time per step when a run had several epochs (on CUDA, where the
+    per-step clocks are not synchronised with the GPU), else the median step."""
+    epochs = run["epoch_seconds"]
+    if len(epochs) > 1:
+        return 1e3 * epochs[-1] * len(epochs) / run["steps"]
+    return run["median_step_ms"]
+
+
+def measure_scale(sizes: Sequence[str], threads: int | None = None) -> dict[str, Any]:
+    """Every method of :data:`SCALE_METHODS` (bf16 only on CUDA with bf16) on each size, one
+    process per run; ``threads``: torch threads per run (default: every core)."""
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    threads = threads or os.cpu_count() or 1
+    names = [name for name in SCALE_METHODS if name != LST_BF16 or bf16]
+    runs: list[dict] = []
+    shapes: dict[str, dict[str, int]] = {}
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="kexue-lst-scale-") as tmp:
+        train, test = write_scale_data(Path(tmp))
+        for size in sizes:
+            folder = Path(tmp) / size
+            print(f"{size}: building the backbone", flush=True)
+            shapes[size] = {**SCALE_SIZES[size], "parameters": build_backbone(folder, size)}
+            base = {
+                "backbone": str(folder),
+                "train": str(train),
+                "eval": str(test),
+                "epochs": 2 if cuda else 1,
+                "batch_size": SCALE["batch_size"],
+                "max_length": SCALE["max_length"],
+                "eval_batch_size": SCALE["eval_rows"],
+                "reduction_factor": REDUCTION,
+                "seed": SCALE["seed"],
+                "device": "cuda" if cuda else "cpu",
+            }
+            done = []
+            for name in names:
+                print(f"{size}: {name}", flush=True)
+                spec = RunSpec(**base, **SCALE_METHODS[name])
+                result = measure_in_subprocess(spec, threads=threads, timeout=3600)
+                result.pop("losses", None)
+                result.pop("gates", None)
+                done.append({"size": size, "name": name, **result})
+                load.append(os.getloadavg()[0])
+            full = next(run for run in done if run["name"] == FULL)
+            for run in done:
+                run["memory_mib"], run["step_ms"] = scale_memory_mib(run), scale_step_ms(run)
+                run["memory_x_full"] = run["memory_mib"] / scale_memory_mib(full)
+                run["step_x_full"] = run["step_ms"] / scale_step_ms(full)
+            runs += done
+            shutil.rmtree(folder)  # bert-large's weights take 1.3 GB
+    return {
+        "device": "cuda" if cuda else "cpu",
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "bf16": bf16,
+        "threads": threads,
+        "sizes": shapes,
+        "settings": {
+            **SCALE,
+            "epochs": 2 if cuda else 1,
+            "reduction_factor": REDUCTION,
+            "lora": LORA_SETTINGS,
+        },
+        "runs": runs,
+        "load": load,
+    }
+
+
+def scale_table(scale: dict) -> Table:
+    rows = [
+        [
+            run["size"],
+            f"{scale['sizes'][run['size']]['num_hidden_layers']} × "
+            f"{scale['sizes'][run['size']]['hidden_size']}",
+            run["name"],
+            f"{run['all_parameters']:,}",
+            f"{run['trainable_parameters']:,} "
+            f"({100 * run['trainable_parameters'] / run['all_parameters']:.2f}%)",
+            f"{run['memory_mib']:.0f}",
+            f"{run['memory_x_full']:.2f}",
+            f"{run['step_ms']:.1f}",
+            f"{run['step_x_full']:.2f}",
+        ]
+        for run in scale["runs"]
+    ]
+    headers = [
+        "backbone",
+        "layers × width",
+        "method",
+        "parameters",
+        "trainable",
+        "peak training memory MiB",
+        "memory × full",
+        "ms / step",
+        "step × full",
+    ]
+    return Table("", headers, rows)
+
+
+def scale_lines(scale: dict) -> list[str]:
+    """The page's section on the scale plan, from lst_scale.json."""
+    st, runs, lora = scale["settings"], scale["runs"], scale["settings"]["lora"]
+    cpu = scale["device"] == "cpu"
+    where = (
+        f"the CPU, {_plural(runs[0]['threads'], 'torch thread')}"
+        if cpu
+        else f"the GPU ({scale['gpu']})"
+    )
+    shapes = "; ".join(
+        f"{size}: {s['num_hidden_layers']} layers, width {s['hidden_size']}, "
+        f"{s['num_attention_heads']} heads, FFN {s['intermediate_size']}, "
+        f"{s['parameters']:,} parameters"
+        for size, s in scale["sizes"].items()
+    )
+    lines = [
+        SCALE_TITLE,
+        "",
+        machine_line(scale["machine"]) + "  ",
+        f"Command: `{scale['command']}` ({scale['date']}); {scale['seconds'] / 60:.1f} min in "
+        f"all, on {where}.",
+    ]
+    if scale.get("conditions"):  # what else ran on the machine, added by hand after a run
+        lines += ["", f"Conditions: {scale['conditions']}"]
+    if cpu:
+        lines += [
+            "",
+            "**This run was on the CPU, not a GPU: the GPU scale run of issue 13 is still not "
+            "done.** Nothing here speaks for GPU memory, GPU step times or mixed precision's "
+            "speed; the numbers compare the methods' memory and step time at BERT sizes on "
+            "this CPU.",
+        ]
+    if "tiny" in scale["sizes"]:
+        lines += ["", "**Smoke size `tiny`: it checks the code path, not the scaling.**"]
+    memory = (
+        "the peak of memory allocated by torch on the GPU from the start of the run to the "
+        "end of training (the weights, which the run moves to the GPU, included; on the CPU "
+        "the loaded weights are not counted)"
+        if not cpu
+        else "the resident-set high-water mark added by training (VmHWM minus the resident "
+        "set once the model and data were loaded)"
+    )
+    step = (
+        f"wall time of the last of {st['epochs']} epochs / its steps (the first epoch warms "
+        "up; the per-step clocks are not synchronised with the GPU)"
+        if not cpu
+        else f"median wall time of the {st['steps']} steps (forward, backward, optimiser "
+        "step; the first step's warm-up falls outside the median)"
+    )
+    tokens = statistics.fmean(run["mean_train_tokens"] for run in runs)
+    kinds = [
+        "full fine-tuning",
+        f"LoRA (r = {lora['r']}, alpha = {lora['lora_alpha']}, on "
+        f"{' and '.join(lora['target_modules'])})",
+        f"LST with random init (r = {st['reduction_factor']}, a side block per layer, no "
+        "Fisher pass)",
+    ]
+    if scale["bf16"]:
+        kinds.append(
+            "the same LST with its frozen backbone under bf16 autocast (side network in float32)"
+        )
+    methods = ", ".join(kinds[:-1]) + " and " + kinds[-1]
+    lines += [
+        "",
+        "- Backbones: BERT architectures built from `transformers.BertConfig` with random "
+        f"weights (seed {st['seed']}), not pretrained ({shapes}). Memory and time per step do "
+        "not depend on the weights' values, so no accuracy is reported. Vocabulary of "
+        f"{st['vocab_size']:,} (BERT's uncased WordPiece: the tokenizer files of MiniLM-L6); "
+        "saved as safetensors and loaded like any local backbone.",
+        f"- Methods: {methods}. Each makes {_plural(st['steps'] * st['epochs'], 'step')} "
+        f"({_plural(st['epochs'], 'epoch')}) of batch {st['batch_size']} on texts of "
+        f"{st['max_length']} tokens (mean {tokens:.0f}), AdamW, in its own process "
+        "(`kexue.lst.measure`).",
+        f"- Peak training memory: {memory}. ms / step: {step}. × full: the ratio to full "
+        "fine-tuning of the same backbone.",
+        "",
+        markdown_table(scale_table(scale)),
+        "",
+    ]
+    for size in scale["sizes"]:
+        by_name = {run["name"]: run for run in runs if run["size"] == size}
+        lst, lora_run = by_name[LST_RANDOM], by_name[LORA]
+        lines.append(
+            f"- {size}: LST needs {lst['memory_x_full']:.2f}× full fine-tuning's memory and "
+            f"{lst['step_x_full']:.2f}× its time per step; LoRA {lora_run['memory_x_full']:.2f}× "
+            f"and {lora_run['step_x_full']:.2f}×"
+            + (
+                f"; LST with a bf16 backbone {by_name[LST_BF16]['memory_x_full']:.2f}× and "
+                f"{by_name[LST_BF16]['step_x_full']:.2f}×"
+                if LST_BF16 in by_name
+                else ""
+            )
+            + "."
+        )
+    return lines
+
+
+def scale_or_gpu_lines(results: dict, out: Path) -> list[str]:
+    """The scale section when ``out`` holds lst_scale.json, else the note that it was not run."""
+    path = out / SCALE_JSON
+    if path.is_file():
+        return scale_lines(json.loads(path.read_text()))
+    return gpu_lines(results)
+
+
+def write_page(out: Path) -> Path:
+    """Render lst.md in ``out`` from lst.json (with the scale section when lst_scale.json is
+    there), or from lst_scale.json alone when lst.json is missing, though never over a page
+    that holds more than that."""
+    page, store, scale = out / "lst.md", out / "lst.json", out / SCALE_JSON
+    if store.is_file():
+        text = render(json.loads(store.read_text()), out)
+    elif scale.is_file():
+        if page.is_file() and not page.read_text().startswith(SCALE_ONLY_TITLE):
+            print(f"{store} missing: {page} left as it was", file=sys.stderr)
+            return page
+        lines = [
+            SCALE_ONLY_TITLE,
+            "",
+            f"Only the scale plan has been run into this folder ({store.name} is missing).",
+            "",
+            *scale_lines(json.loads(scale.read_text())),
+        ]
+        text = "\n".join(lines)
+    else:
+        raise SystemExit(f"nothing to render in {out}: neither {store.name} nor {scale.name}")
+    page.write_text(text.rstrip() + "\n")
+    print(f"wrote {page}", file=sys.stderr)
+    return page
+
+
+def parse_sizes(text: str) -> list[str]:
+    """``"bert-base,bert-large"`` -> its sizes, each a key of :data:`SCALE_SIZES`."""
+    sizes = [size.strip() for size in text.split(",") if size.strip()]
+    if not sizes or any(size not in SCALE_SIZES for size in sizes):
+        raise argparse.ArgumentTypeError(
+            f"sizes must be a comma-separated list of {', '.join(SCALE_SIZES)}, got {text!r}"
+        )
+    return list(dict.fromkeys(sizes))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def scale_main(argv: Sequence[str] | None = None) -> Path:
+    """``--plan scale``: measure (under the CPU lock unless only ``tiny``), write
+    lst_scale.json, re-render lst.md; ``--render-only`` re-renders only."""
+    parser = argparse.ArgumentParser(description="LST at scale: " + __doc__.split("\n")[0])
+    parser.add_argument("--plan", choices=["scale"], required=True)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder (default docs/benchmarks; temporary for --sizes tiny)",
+    )
+    parser.add_argument("--render-only", action="store_true", help="re-render the page")
+    parser.add_argument("--no-lock", action="store_true", help="do not take the CPU lock")
+    parser.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=SCALE_DEFAULT_SIZES,
+        help=f"comma-separated backbone sizes among {', '.join(SCALE_SIZES)} "
+        f"(default {SCALE_DEFAULT_SIZES})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads per run (default: every core)",
+    )
+    args = parser.parse_args(argv)
+    smoke = set(args.sizes) <= {"tiny"}
+    out = args.out or (Path(tempfile.mkdtemp(prefix="kexue-bench-lst-")) if smoke else DOCS)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.render_only:
+        load_before = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        with heavy_lock(not args.no_lock and not smoke):
+            results = measure_scale(args.sizes, args.threads)
+        machine = machine_info() | {"load_average": [load_before, os.getloadavg()[0]]}
+        results = {
+            **results,
+            "plan": "scale",
+            "command": command_line(argv),
+            "date": time.strftime("%Y-%m-%d"),
+            "seconds": time.perf_counter() - t0,
+            "machine": machine,
+        }
+        (out / SCALE_JSON).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    return write_page(out)
+
+
+def cli(argv: Sequence[str] | None = None) -> Path:
+    """``--plan scale`` goes to :func:`scale_main`, ``--render-only`` renders lst.json and
+    lst_scale.json (:func:`write_page`), the other plans to ``_common.main``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plan")
+    pre.add_argument("--out", type=Path)
+    pre.add_argument("--render-only", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    if known.plan == "scale":
+        return scale_main(argv)
+    if known.render_only:
+        return write_page(known.out or DOCS)
+    description = __doc__.split("\n")[0] + " (--plan scale --help: the scale plan's options)"
+    return main("lst", measure, render, plans=(*PLANS, "scale"), description=description, argv=argv)
+
+
 if __name__ == "__main__":
-    main("lst", measure, render, plans=tuple(PLANS), description=__doc__.split("\n")[0])
+    cli()

@@ -251,9 +251,11 @@ def train_text_classifier(
                         loss = torch.zeros((), device=device)
                 loss = sum_gradients(params, loss)
                 opt.step()
+                # .item() waits for the device's queue (opt.step included): the clock reads
+                # the step's real time on a GPU too
+                stats.losses.append(loss.item())
                 stats.step_seconds.append(time.perf_counter() - t0)
                 stats.step_cpu_seconds.append(time.process_time() - c0)
-                stats.losses.append(loss.item())
                 stats.steps = step + 1
                 bar.update(task, advance=1, loss=stats.losses[-1])
                 if checkpointing is not None and checkpointing.due(step + 1, total):
