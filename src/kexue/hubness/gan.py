@@ -64,9 +64,13 @@ class DigitGenerator(PretrainedMixin, nn.Module):
 
     ``z -> linear -> (channels, 7, 7) -> 2x up-convolution -> (channels/2, 14, 14) -> 2x
     up-convolution -> (1, 28, 28) -> tanh``, batch normalisation and ReLU between layers
-    (the InfoGAN/DCGAN MNIST generator without its hidden dense layer). Latents are
-    ``N(0, I)`` during training; any other latent prior (hub prior, truncation) is applied by
-    the caller. Load the shipped one with
+    (the InfoGAN/DCGAN MNIST generator without its hidden dense layer) when ``refine=False``.
+    With ``refine=True`` (the default, and the shipped generator) a 3 x 3 convolution follows
+    the first up-convolution at 14 x 14, the second one keeps ``channels/4`` maps at 28 x 28,
+    and a 3 x 3 convolution turns those into the digit: two more layers where the strokes are
+    drawn (``docs/guides/hubness.md``, "The GAN").
+    Latents are ``N(0, I)`` during training; any other latent prior (hub prior, truncation)
+    is applied by the caller. Load the shipped one with
     ``DigitGenerator.from_pretrained("mnist-gan")``.
     """
 
@@ -74,23 +78,41 @@ class DigitGenerator(PretrainedMixin, nn.Module):
     pretrained_extra: ClassVar[str] = "hubness"
     pretrained_assets: ClassVar[Path | None] = ASSETS
 
-    def __init__(self, latent_dim: int = 128, channels: int = 128) -> None:
+    def __init__(self, latent_dim: int = 128, channels: int = 128, refine: bool = True) -> None:
         super().__init__()
         self.latent_dim = check_int(latent_dim, "latent_dim", low=1)
         self.channels = check_int(channels, "channels", low=2)
-        if channels % 2:
-            raise ValueError(f"channels must be even, got {channels}")
+        if not isinstance(refine, bool):
+            raise TypeError(f"refine must be a bool, got {type(refine).__name__}")
+        self.refine = refine
+        step = 4 if refine else 2
+        if channels % step:
+            raise ValueError(
+                f"channels must be a multiple of {step}{' with refine=True' if refine else ''}, "
+                f"got {channels}"
+            )
         c = channels
         self.project = nn.Linear(latent_dim, c * 49, bias=False)
-        self.body = nn.Sequential(
+        layers: list[nn.Module] = [
             nn.BatchNorm2d(c),
             nn.ReLU(),
             nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(c // 2),
             nn.ReLU(),
-            nn.ConvTranspose2d(c // 2, 1, 4, stride=2, padding=1),
-            nn.Tanh(),
-        )
+        ]
+        if refine:
+            layers += [
+                nn.Conv2d(c // 2, c // 2, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c // 2),
+                nn.ReLU(),
+                nn.ConvTranspose2d(c // 2, c // 4, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(c // 4),
+                nn.ReLU(),
+                nn.Conv2d(c // 4, 1, 3, padding=1),
+            ]
+        else:
+            layers.append(nn.ConvTranspose2d(c // 2, 1, 4, stride=2, padding=1))
+        self.body = nn.Sequential(*layers, nn.Tanh())
         self.training_info: dict[str, Any] = {}
 
     def forward(self, z: Tensor) -> Tensor:
@@ -132,6 +154,7 @@ class DigitGenerator(PretrainedMixin, nn.Module):
         config = {
             "latent_dim": self.latent_dim,
             "channels": self.channels,
+            "refine": self.refine,
             "training": self.training_info,
         }
         return config, {"generator": self.state_dict()}
@@ -140,7 +163,7 @@ class DigitGenerator(PretrainedMixin, nn.Module):
     def from_pretrained_state(
         cls, config: dict[str, Any], tensors: dict[str, dict[str, Tensor]], **kwargs: Any
     ) -> DigitGenerator:
-        model = cls(config["latent_dim"], config["channels"])
+        model = cls(config["latent_dim"], config["channels"], bool(config.get("refine", False)))
         _load_strict(model, tensors["generator"], "the saved generator")
         model.training_info = dict(config.get("training", {}))
         return model.eval().requires_grad_(False)
@@ -174,11 +197,12 @@ class DigitDiscriminator(nn.Module):
 class GANTrainConfig:
     """Everything that defines a GAN training run (saved with every checkpoint)."""
 
-    steps: int = 10_000  # one step: a critic update, then a generator update
+    steps: int = 7_000  # one step: a critic update, then a generator update
     batch_size: int = 64  # real digits per critic step (and latents per update)
     latent_dim: int = 128  # z ~ N(0, I) in R^latent_dim
     g_channels: int = 128  # generator channels at 7 x 7
-    d_channels: int = 32  # critic channels at 14 x 14 (twice that at 7 x 7)
+    g_refine: bool = True  # DigitGenerator(refine=...): 3 x 3 layers at 14 x 14 and 28 x 28
+    d_channels: int = 64  # critic channels at 14 x 14 (twice that at 7 x 7)
     lr: float = 2e-4  # Adam, both networks; constant until decay_from ...
     beta1: float = 0.5
     beta2: float = 0.999
@@ -242,7 +266,7 @@ class _GANRun:
         self.images = images
         with torch.random.fork_rng(devices=[]):  # initial weights depend on the seed only
             torch.manual_seed(config.seed)
-            self.g = DigitGenerator(config.latent_dim, config.g_channels)
+            self.g = DigitGenerator(config.latent_dim, config.g_channels, config.g_refine)
             self.d = DigitDiscriminator(config.d_channels)
         self.ema = copy.deepcopy(self.g).requires_grad_(False)
         betas = (config.beta1, config.beta2)
@@ -399,7 +423,7 @@ def train_gan(
         if latest is None:
             raise ValueError(f"{out} holds no GAN checkpoint to resume; start without resume")
         saved, _ = load_folder(latest, kind=_CHECKPOINT_KIND, version=1, extra="hubness")
-        config = GANTrainConfig(**saved["train"])
+        config = GANTrainConfig(**{"g_refine": False, **saved["train"]})  # older runs: no key
     else:
         if latest is not None:
             raise ValueError(f"{out} already holds a run; resume it or choose a new folder")
