@@ -206,10 +206,14 @@ def test_gradcheck(random_mu, family: str) -> None:
     else:
         noise = noise_family(family)
     mu = random_mu((2, 5), 1.0, seed=9).requires_grad_()
+    # The form over the maximum differentiates at fixed nodes (the exact map does not depend on
+    # them) while finite differences move them with mu: the two agree once the rule is
+    # accurate, so those families get enough nodes; the pairwise form keeps 12.
+    nodes = {"normal": 64, "logistic": 64, "laplace": 256, "gumbel": 64}.get(family, 12)
     if family == "uniform":  # log p = -inf at exact zeros: check p itself
-        fn = lambda m: perturbed_argmax_probs(m, noise, num_nodes=12)  # noqa: E731
+        fn = lambda m: perturbed_argmax_probs(m, noise, num_nodes=nodes)  # noqa: E731
     else:
-        fn = lambda m: perturbed_argmax_log_probs(m, noise, num_nodes=12, closed_form=False)  # noqa: E731
+        fn = lambda m: perturbed_argmax_log_probs(m, noise, num_nodes=nodes, closed_form=False)  # noqa: E731
     assert gradcheck(fn, (mu,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
@@ -318,7 +322,7 @@ def test_cross_entropy_normal_matches_reference(random_mu) -> None:
     ref = [-math.log(reference_probs(mu[i].numpy(), "normal")[t]) for i, t in enumerate([2, 0, 5])]
     np.testing.assert_allclose(loss.numpy(), ref, rtol=1e-7)
     leaf = mu.clone().requires_grad_()
-    assert gradcheck(lambda m: perturbed_argmax_cross_entropy(m, target, num_nodes=12), (leaf,))
+    assert gradcheck(lambda m: perturbed_argmax_cross_entropy(m, target, num_nodes=64), (leaf,))
 
 
 def test_cross_entropy_module_dim_and_far_targets() -> None:
