@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import time
 from pathlib import Path
@@ -176,8 +177,8 @@ def _forward_block(y: torch.Tensor, mu: torch.Tensor, log_w: torch.Tensor):
     plain torch ops (what a fused kernel would compute): log F, log h, log P, the logsumexp
     over the nodes and the node posteriors."""
     x = y[:, :, None] - mu[:, None, :]
-    log_f = torch.erfc(x.clamp(-12.0, 5.5) * -(0.5**0.5)).log() - 0.6931471805599453
-    log_h = -0.5 * x * x - log_f - 0.9189385332046727
+    log_f = torch.erfc(x.clamp(-12.0, 5.5) * -(0.5**0.5)).log() - math.log(2.0)  # log Phi
+    log_h = -0.5 * x * x - log_f - 0.5 * math.log(2.0 * math.pi)  # log phi - log Phi
     g = log_h + (log_f.sum(-1, keepdim=True) + log_w[:, :, None])
     top = g.amax(1, keepdim=True)
     e = (g - top).exp()

@@ -132,6 +132,20 @@ def test_training_resumes_bit_exactly(tmp_path):
     assert DigitGenerator.from_pretrained(tmp_path / "b" / "generator").training_info["step"] == 6
 
 
+def test_runs_saved_before_refine_resume_with_the_two_layer_generator(tmp_path):
+    """A checkpoint whose saved settings lack ``g_refine`` (runs before it existed) resumes
+    with the layout its weights have."""
+    data = _digits()
+    cfg = GANTrainConfig(steps=3, g_refine=False, **TINY)
+    train_gan(tmp_path / "run", cfg, images=data, progress=False)
+    config_path = latest_gan_checkpoint(tmp_path / "run") / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["train"]["g_refine"]
+    config_path.write_text(json.dumps(config))
+    resumed = train_gan(tmp_path / "run", resume=True, steps=4, images=data, progress=False)
+    assert resumed.training_info["step"] == 4 and resumed.refine is False
+
+
 def test_training_moves_the_generator_towards_the_data(tmp_path):
     data = torch.full((40, 1, 28, 28), -1.0)  # dark digits with a bright square
     data[:, :, 10:18, 10:18] = 1.0
