@@ -15,16 +15,18 @@ about 30 minutes: 64 samples per row at K = 5 and 10, 2 convergence samples; the
 the page), ``cpu`` (a quiet 2-core CPU in about an hour and a half: 500 samples per row, as in
 the issue that asked for this page, K = 5, 10, 20, 8 convergence samples; it took 59 minutes on
 one thread), ``large`` (an accelerator, ``--device cuda``: 1,000 samples per row, K = 50 too, 64
-convergence samples) and ``timing`` (re-times the main rows of the stored run: the median of 3
-interleaved runs on 100 images each; the quality numbers are kept as measured).
+convergence samples), ``timing`` (re-times the main rows of the stored run: the median of 3
+interleaved runs on 100 images each; the quality numbers are kept as measured) and ``k50``
+(adds the K = 50 rows to a stored ``cpu`` run: same 500 noises, about an hour on one thread).
 
-    python benchmarks/few_step.py [--plan smoke|default|cpu|timing|large] [--device cuda]
+    python benchmarks/few_step.py [--plan smoke|default|cpu|timing|k50|large] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ from typing import Any
 
 import torch
 
-from _common import Table, machine_line, main, markdown_table
+from _common import Table, command_line, machine_line, main, markdown_table
 from kexue.diffusion import DigitEvaluator, load_images, sample
 from kexue.diffusion.solver_statistics import SolverStatistics
 from kexue.experiments.diffusion import (
@@ -55,6 +57,8 @@ PLANS: dict[str, dict[str, Any]] = {
     "cpu": {"n": 500, "Ks": (5, 10, 20), "conv_n": 8, "conv_Ks": (5, 10, 20),
             "ref_steps": 1000, "boot": 100, "real_n": 500},
     "timing": {"timing_n": 100, "repeats": 3},
+    "k50": {"n": 500, "Ks": (50,), "boot": 100, "extends": "cpu"},
+    "smoke-extend": {"n": 8, "Ks": (4,), "boot": 3, "extends": "smoke"},
     "large": {"n": 1000, "Ks": (5, 10, 20, 50), "conv_n": 64, "conv_Ks": (5, 10, 20, 50),
               "ref_steps": 1000, "boot": 200, "real_n": 1000},
 }  # fmt: skip
@@ -97,11 +101,11 @@ def measure_timing(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     return results
 
 
-def measure(plan: str, args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(args.threads)
-    cfg = PLANS[plan]
-    if plan == "timing":
-        return measure_timing(cfg, args)
+def quality_rows(
+    cfg: dict[str, Any], args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], DigitEvaluator, Any]:
+    """Fréchet distance, bootstrap error, precision, recall and time of every row at every K
+    of ``cfg`` (the same ``cfg['n']`` initial noises for all)."""
     model = shipped_model(args.device)
     stats = SolverStatistics.from_pretrained("mnist5k")
     data = load_images("mnist5k")
@@ -120,6 +124,46 @@ def measure(plan: str, args: argparse.Namespace) -> dict[str, Any]:
                             "precision": prec, "recall": rec, "confidence": conf,
                             "seconds_per_image": seconds / cfg["n"]})  # fmt: skip
             print(f"K={K} {name}: Fréchet {fd:.1f} ± {se:.1f}, {seconds:.0f} s", flush=True)
+    return quality, evaluator, (model, stats, data, x_T)
+
+
+def measure_extension(plan: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Add the rows at ``cfg['Ks']`` to an earlier run of plan ``cfg['extends']`` (its
+    ``few_step.json``, kept as measured): same sample count, same initial noise."""
+    previous = args.out / "few_step.json"
+    if not previous.exists():
+        raise SystemExit(f"--plan {plan} extends an earlier run: {previous} is missing")
+    results = json.loads(previous.read_text())
+    if results["config"].get("n") != cfg["n"]:
+        raise SystemExit(
+            f"--plan {plan} extends a --plan {cfg['extends']} run of {cfg['n']} samples per row; "
+            f"{previous} has {results['config'].get('n')} (re-run --plan {cfg['extends']} first)"
+        )
+    made = {k: results.get(k) for k in ("command", "date", "seconds", "machine")}
+    results["quality_from"] = results.get("quality_from") or made
+    if "timing" in results:
+        results["timing"].setdefault("made", made)
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    rows, _, _ = quality_rows(cfg, args)
+    new_Ks = set(cfg["Ks"])
+    results["quality"] = [r for r in results["quality"] if r["K"] not in new_Ks] + rows
+    results["config"]["Ks"] = sorted(set(results["config"]["Ks"]) | new_Ks)
+    results.setdefault("extensions", []).append(
+        {"plan": plan, "Ks": sorted(new_Ks), "command": command_line(),
+         "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - start,
+         "threads": args.threads, "load_average": [load, os.getloadavg()[0]]}
+    )  # fmt: skip
+    return results
+
+
+def measure(plan: str, args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    cfg = PLANS[plan]
+    if plan == "timing":
+        return measure_timing(cfg, args)
+    if "extends" in cfg:
+        return measure_extension(plan, cfg, args)
+    quality, evaluator, (model, stats, data, x_T) = quality_rows(cfg, args)
     real = quality_row(evaluator, data.train[: cfg["real_n"]])
     conv_x = x_T[: cfg["conv_n"]].to(args.device)
     start = time.perf_counter()
@@ -189,13 +233,29 @@ def goals(results: dict[str, Any]) -> list[str]:
             + ("" if abs(a["frechet"] - b["frechet"]) > 2 * max(a["frechet_se"], b["frechet_se"])
                else " (within two bootstrap errors: not resolved at this sample size)")
         )  # fmt: skip
+    K_max = max(results["config"]["Ks"])
+    if K_max > 10 and any(k == 10 for _, k in by):
+        ode = [by[(n, K_max)]["frechet"] for n in DETERMINISTIC]
+        best10 = min((by[(n, 10)]["frechet"], n) for n in PEER_FEW_STEP)
+        lines.append(
+            f"The ODE's own limit: at K = {K_max} the deterministic solvers score "
+            f"{min(ode):.1f} to {max(ode):.1f}; "
+            + (
+                f"{best10[1]} at K = 10 ({best10[0]:.1f}) is below that range, where the "
+                "ODE solvers have converged, so no ODE solver reaches it on this model"
+                if best10[0] < min(ode)
+                else "the best peer at K = 10 is not below it"
+            )
+        )
     timed = results.get("timing")
+    Ks = results["config"]["Ks"]
     if timed:
         by = {(r["sampler"], r["K"]): r for r in timed["rows"]}
+        Ks = sorted({r["K"] for r in timed["rows"]})
     ratios = [
         by[("DPM-Solver-v3", K)]["seconds_per_image"]
         / by[("DDIM trailing", K)]["seconds_per_image"]
-        for K in results["config"]["Ks"]
+        for K in Ks
     ]
     worst = max(ratios)
     how = (
@@ -207,7 +267,7 @@ def goals(results: dict[str, Any]) -> list[str]:
     lines.append(
         f"Time per step, DPM-Solver-v3 / DDIM (same K, wall time of the whole run incl. the "
         f"per-trajectory plan): {', '.join(f'{r:.2f}x' for r in ratios)} at K = "
-        f"{', '.join(map(str, results['config']['Ks']))}: goal (within 1.1x) "
+        f"{', '.join(map(str, Ks))}: goal (within 1.1x) "
         f"**{'met' if worst <= 1.1 else 'not met'}** ({how})"
     )
     return lines
@@ -217,15 +277,16 @@ def timing_lines(results: dict[str, Any]) -> list[str]:
     timed = results.get("timing")
     if not timed:
         return []
-    Ks = results["config"]["Ks"]
+    Ks = sorted({r["K"] for r in timed["rows"]})
     by = {(r["sampler"], r["K"]): r["seconds_per_image"] for r in timed["rows"]}
     rows = [[n, *[by[(n, K)] / by[("DDIM trailing", K)] for K in Ks]] for n in TIMED]
     rows.append(["DDIM trailing, ms per image", *[1e3 * by[("DDIM trailing", K)] for K in Ks]])
-    machine = results["machine"]
+    made = timed.get("made") or results
+    machine = made["machine"]
     return [
         "## Time per image against DDIM",
         "",
-        f"Produced by `{results['command']}` on {results['date']} "
+        f"Produced by `{made['command']}` on {made['date']} "
         f"({timed['threads']} thread(s); load average {machine['load_average'][0]:.2f} before, "
         f"{machine['load_average'][1]:.2f} after): the median of {timed['repeats']} runs per "
         f"row on {timed['n']} images, the rows interleaved in every repeat, each sampler's whole "
@@ -250,6 +311,13 @@ def render(results: dict[str, Any], out: Path) -> str:
         f"{made['seconds'] / 60:.0f} minutes ({results['device']}, {results['threads']} "
         "thread(s)). " + machine_line(made["machine"]),
         "",
+        *[
+            f"Rows at K = {', '.join(map(str, e['Ks']))} added by `{e['command']}` on "
+            f"{e['date']} in {e['seconds'] / 60:.0f} minutes ({e['threads']} thread(s); load "
+            f"average {e['load_average'][0]:.2f} before, {e['load_average'][1]:.2f} after), "
+            "same noise and sample count.\n"
+            for e in results.get("extensions", [])
+        ],
         f"**Sample counts: {cfg['n']} samples per row** "
         + (
             "(the goal is 1,000; this run had no GPU, so Fréchet distances are biased upwards by "

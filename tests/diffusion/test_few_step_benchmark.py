@@ -34,3 +34,12 @@ def test_few_step_smoke_plan(tmp_path):
     assert (tmp_path / "few-step-convergence.png").read_bytes()[:4] == b"\x89PNG"
     _bench("--plan", "smoke", "--render-only", "--out", str(tmp_path))
     assert (tmp_path / "few_step.md").read_text() == page
+    # an extension plan adds rows at a new K and keeps the stored ones as measured
+    _bench("--plan", "smoke-extend", "--no-lock", "--out", str(tmp_path))
+    extended = json.loads((tmp_path / "few_step.json").read_text())
+    assert extended["config"]["Ks"] == [2, 3, 4]
+    assert [r for r in extended["quality"] if r["K"] != 4] == results["quality"]
+    assert {r["sampler"] for r in extended["quality"] if r["K"] == 4} == names
+    assert extended["quality_from"]["command"] == results["command"]
+    page = (tmp_path / "few_step.md").read_text()
+    assert "## K = 4 model calls" in page and "Rows at K = 4 added by" in page

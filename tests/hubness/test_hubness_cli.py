@@ -48,7 +48,8 @@ def test_train_gan_writes_a_loadable_generator_and_its_command(tmp_path, capsys,
     from kexue.hubness import DigitGenerator
 
     argv = ["hubness", "train-gan", str(tmp_path / "run"), "--steps", "2", "--no-progress"]
-    options = ["--d-channels", "8", "--lr", "0.001", "--no-refine", "--keep-checkpoints", "3"]
+    options = ["--d-channels", "8", "--deep-critic", "--lr", "0.001", "--no-refine",
+               "--keep-checkpoints", "3"]  # fmt: skip
     code, out, _ = run_cli([*argv, *options], capsys)
     assert code == 0 and "trained to step 2" in out
     gan = DigitGenerator.from_pretrained(tmp_path / "run" / "generator")
@@ -57,7 +58,7 @@ def test_train_gan_writes_a_loadable_generator_and_its_command(tmp_path, capsys,
     assert " ".join(options) in gan.training_info["command"]
     config = gan.training_info["config"]
     assert (config["d_channels"], config["lr"], config["keep_checkpoints"]) == (8, 1e-3, 3)
-    assert config["g_refine"] is False and gan.refine is False
+    assert config["g_refine"] is False and gan.refine is False and config["d_deep"] is True
     code, out, _ = run_cli([*argv[:3], "--resume", "--steps", "3", "--no-progress"], capsys)
     assert code == 0 and "trained to step 3" in out
 

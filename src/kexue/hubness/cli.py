@@ -132,7 +132,11 @@ def train_gan_command(
     resume: Annotated[bool, typer.Option(help="Continue OUT from its latest checkpoint.")] = False,
     d_channels: Annotated[
         int, typer.Option(min=1, help="Critic channels at 14 x 14 (new runs only).")
-    ] = 64,
+    ] = 32,
+    deep_critic: Annotated[
+        bool,
+        typer.Option(help="Critic with a 3 x 3 layer after each strided one (new runs only)."),
+    ] = True,
     lr: Annotated[float, typer.Option(help="Adam learning rate, > 0 (new runs only).")] = 2e-4,
     refine: Annotated[
         bool,
@@ -158,7 +162,8 @@ def train_gan_command(
     command = f"kexue hubness train-gan {shlex.quote(str(out))} --steps {steps}" + (
         " --resume"
         if resume
-        else f" --seed {seed} --d-channels {d_channels} --lr {lr:g}"
+        else f" --seed {seed} --d-channels {d_channels}"
+        f" {'--deep-critic' if deep_critic else '--no-deep-critic'} --lr {lr:g}"
         f" {'--refine' if refine else '--no-refine'} --keep-checkpoints {keep_checkpoints}"
     )
     try:
@@ -166,6 +171,7 @@ def train_gan_command(
             steps=steps,
             seed=seed,
             d_channels=d_channels,
+            d_deep=deep_critic,
             lr=lr,
             g_refine=refine,
             keep_checkpoints=keep_checkpoints,

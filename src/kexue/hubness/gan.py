@@ -173,20 +173,25 @@ class DigitDiscriminator(nn.Module):
     """Spectrally normalised critic: (N, 1, 28, 28) -> one real-valued score per digit.
 
     ``conv 4x4 /2 (channels) -> conv 4x4 /2 (2 channels) -> linear``, leaky ReLU (0.2);
-    every weight divided by its largest singular value (one power iteration per call).
+    with ``deep=True`` a 3 x 3 convolution follows each strided one (four convolutions, so
+    the linear head judges features of features); every weight divided by its largest
+    singular value (one power iteration per call).
     """
 
-    def __init__(self, channels: int = 32) -> None:
+    def __init__(self, channels: int = 32, deep: bool = False) -> None:
         super().__init__()
         self.channels = check_int(channels, "channels", low=1)
+        if not isinstance(deep, bool):
+            raise TypeError(f"deep must be a bool, got {type(deep).__name__}")
+        self.deep = deep
         sn = nn.utils.parametrizations.spectral_norm
         c = channels
-        self.body = nn.Sequential(
-            sn(nn.Conv2d(1, c, 4, stride=2, padding=1)),
-            nn.LeakyReLU(0.2),
-            sn(nn.Conv2d(c, 2 * c, 4, stride=2, padding=1)),
-            nn.LeakyReLU(0.2),
-        )
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((1, c), (c, 2 * c)):
+            layers += [sn(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+            if deep:
+                layers += [sn(nn.Conv2d(c_out, c_out, 3, padding=1)), nn.LeakyReLU(0.2)]
+        self.body = nn.Sequential(*layers)
         self.head = sn(nn.Linear(2 * c * 49, 1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -202,7 +207,8 @@ class GANTrainConfig:
     latent_dim: int = 128  # z ~ N(0, I) in R^latent_dim
     g_channels: int = 128  # generator channels at 7 x 7
     g_refine: bool = True  # DigitGenerator(refine=...): 3 x 3 layers at 14 x 14 and 28 x 28
-    d_channels: int = 64  # critic channels at 14 x 14 (twice that at 7 x 7)
+    d_channels: int = 32  # critic channels at 14 x 14 (twice that at 7 x 7)
+    d_deep: bool = True  # DigitDiscriminator(deep=...): a 3 x 3 layer after each strided one
     lr: float = 2e-4  # Adam, both networks; constant until decay_from ...
     beta1: float = 0.5
     beta2: float = 0.999
@@ -267,7 +273,7 @@ class _GANRun:
         with torch.random.fork_rng(devices=[]):  # initial weights depend on the seed only
             torch.manual_seed(config.seed)
             self.g = DigitGenerator(config.latent_dim, config.g_channels, config.g_refine)
-            self.d = DigitDiscriminator(config.d_channels)
+            self.d = DigitDiscriminator(config.d_channels, config.d_deep)
         self.ema = copy.deepcopy(self.g).requires_grad_(False)
         betas = (config.beta1, config.beta2)
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=config.lr, betas=betas)
@@ -423,7 +429,8 @@ def train_gan(
         if latest is None:
             raise ValueError(f"{out} holds no GAN checkpoint to resume; start without resume")
         saved, _ = load_folder(latest, kind=_CHECKPOINT_KIND, version=1, extra="hubness")
-        config = GANTrainConfig(**{"g_refine": False, **saved["train"]})  # older runs: no key
+        # runs saved before a key existed: the layout they were trained with
+        config = GANTrainConfig(**{"g_refine": False, "d_deep": False, **saved["train"]})
     else:
         if latest is not None:
             raise ValueError(f"{out} already holds a run; resume it or choose a new folder")
