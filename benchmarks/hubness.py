@@ -1241,26 +1241,21 @@ def gpu_section(r: dict) -> list[str]:
 def summary_lines(results: dict) -> list[str]:
     """The page's answer to the hub prior's claim, per generator, from the stored parts."""
     found = []
-    if "gan" in results:
-        gan = study_claims(results["gan"])
-        holds = claim_holds(gan["claims"])
-        rand = gan["random"]
+    for part, what in (("gan", "GAN latents"), ("ddim", "DDIM latents")):
+        if part not in results:
+            continue
+        study = study_claims(results[part])
+        holds = claim_holds(study["claims"])
+        rand = study["random"]
         found.append(
-            f"**GAN latents** (section 5, {results['gan']['n']:,} images x "
-            f"{len(results['gan']['seeds'])} seeds per row; random-latent Fréchet distance "
+            f"**{what}** (section {5 if part == 'gan' else 6}, {results[part]['n']:,} images x "
+            f"{len(results[part]['seeds'])} seeds per row; random-latent Fréchet distance "
             f"{_pm(rand['frechet'], rand['frechet_sd'], 1)}, confidence "
             f"{rand['confidence']:.3f}): "
             + (f"the claim **holds** for {', '.join(holds)}." if holds else "the claim "
                "**does not hold** for any hub row.")
         )  # fmt: skip
-    if "ddim" in results:
-        holds = claim_holds(study_claims(results["ddim"])["claims"])
-        found.append(
-            "**DDIM latents** (section 6): "
-            + (f"the claim **holds** for {', '.join(holds)}." if holds else "the claim "
-               "**does not hold** for any hub row.")
-        )  # fmt: skip
-    elif "sampling" in results:
+    if "ddim" not in results and "sampling" in results:
         r = results["sampling"]
         holds = claim_holds(sampling_claims(r))
         rand = [row for row in r["rows"] if row["kind"] == "random"]
