@@ -17,7 +17,7 @@ the issue that asked for this page, K = 5, 10, 20, 8 convergence samples; it too
 one thread), ``large`` (an accelerator, ``--device cuda``: 1,000 samples per row, K = 50 too, 64
 convergence samples), ``timing`` (re-times the main rows of the stored run: the median of 3
 interleaved runs on 100 images each; the quality numbers are kept as measured) and ``k50``
-(adds the K = 50 rows to a stored ``cpu`` run: same 500 noises, about an hour on one thread).
+(adds the K = 50 rows to a stored ``cpu`` run: same 500 noises; 37 minutes on one thread).
 
     python benchmarks/few_step.py [--plan smoke|default|cpu|timing|k50|large] [--device cuda]
 """

@@ -43,3 +43,36 @@ def test_few_step_smoke_plan(tmp_path):
     assert extended["quality_from"]["command"] == results["command"]
     page = (tmp_path / "few_step.md").read_text()
     assert "## K = 4 model calls" in page and "Rows at K = 4 added by" in page
+
+
+def _few_step_module():
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # for its `_common`
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "few_step_bench", ROOT / "benchmarks" / "few_step.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+@pytest.mark.parametrize(("sde_at_10", "below"), [(16.0, True), (20.5, False)])
+def test_goals_compare_the_best_peer_at_k10_with_the_converged_ode_range(sde_at_10, below):
+    bench = _few_step_module()
+    ode = {name: 20.0 + i / 2 for i, name in enumerate(bench.DETERMINISTIC)}  # 20.0 ... 22.5
+    rows = []
+    for K in (5, 10, 50):
+        for name in bench.ROWS:
+            fd = ode.get(name, 30.0) if K == 50 else 25.0
+            if name == "DPM-Solver++ 2M SDE":
+                fd = sde_at_10 if K == 10 else 13.0
+            rows.append({"sampler": name, "K": K, "frechet": fd, "frechet_se": 1.0,
+                         "seconds_per_image": 1.0})  # fmt: skip
+    lines = bench.goals({"quality": rows, "config": {"Ks": [5, 10, 50]}})
+    limit = next(line for line in lines if line.startswith("The ODE's own limit"))
+    assert "K = 50 the deterministic solvers score 20.0 to 22.5" in limit
+    assert ("is below that range" in limit) is below
