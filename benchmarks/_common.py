@@ -100,6 +100,21 @@ def machine_line(machine: dict[str, Any]) -> str:
     return f"Machine: {machine['summary']}; {machine['os']}{extra}."
 
 
+RUN_FIELDS = ("command", "date", "seconds", "machine", "plan")  # how main() says a run was made
+
+
+def stored_run(store: Path, plan: str, keep_as: str, *extra: str) -> dict[str, Any]:
+    """The stored results (``store``) that a partial plan measures again in part, with how
+    they were made (:data:`RUN_FIELDS` plus ``extra``) kept under ``keep_as``: the first
+    run's, however many partial runs follow."""
+    if not store.exists():
+        raise SystemExit(f"--plan {plan} builds on a stored run: {store} is missing")
+    results = json.loads(store.read_text())
+    fields = (*RUN_FIELDS, *extra)
+    results[keep_as] = results.get(keep_as) or {k: results.get(k) for k in fields}
+    return results
+
+
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command that reproduces a run, relative to the repository root."""
     script = Path(sys.argv[0]).resolve()

@@ -25,16 +25,23 @@ interleaved runs on 100 images each; the quality numbers are kept as measured) a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from _common import Table, command_line, machine_line, main, markdown_table
+from _common import (
+    RUN_FIELDS,
+    Table,
+    command_line,
+    machine_line,
+    main,
+    markdown_table,
+    stored_run,
+)
 from kexue.diffusion import DigitEvaluator, load_images, sample
 from kexue.diffusion.solver_statistics import SolverStatistics
 from kexue.experiments.diffusion import (
@@ -71,13 +78,7 @@ def measure_timing(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     """Re-time the main rows of an earlier run (its ``few_step.json``, kept as measured): the
     median of ``repeats`` runs per row on ``timing_n`` images, rows interleaved in every repeat
     so a change of load hits them all."""
-    previous = args.out / "few_step.json"
-    if not previous.exists():
-        raise SystemExit(f"--plan timing re-times an earlier run: {previous} is missing")
-    results = json.loads(previous.read_text())
-    results["quality_from"] = results.get("quality_from") or {
-        k: results.get(k) for k in ("command", "date", "seconds", "machine")
-    }
+    results = stored_run(args.out / "few_step.json", "timing", "quality_from")
     model = shipped_model(args.device)
     stats = SolverStatistics.from_pretrained("mnist5k")
     peer_scheduler("UniPC")
@@ -101,17 +102,27 @@ def measure_timing(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     return results
 
 
-def quality_rows(
-    cfg: dict[str, Any], args: argparse.Namespace
-) -> tuple[list[dict[str, Any]], DigitEvaluator, Any]:
-    """Fréchet distance, bootstrap error, precision, recall and time of every row at every K
-    of ``cfg`` (the same ``cfg['n']`` initial noises for all)."""
+class Setup(NamedTuple):
+    model: Any
+    stats: SolverStatistics
+    data: Any
+    evaluator: DigitEvaluator
+    x_T: torch.Tensor  # the same initial noise for every row
+
+
+def setup(cfg: dict[str, Any], args: argparse.Namespace) -> Setup:
     model = shipped_model(args.device)
-    stats = SolverStatistics.from_pretrained("mnist5k")
     data = load_images("mnist5k")
-    evaluator = DigitEvaluator(reference=data.heldout)
     peer_scheduler("UniPC")  # imports diffusers before any timing
     x_T = torch.randn((cfg["n"], *IMAGE_SHAPE), generator=torch.Generator().manual_seed(SEED))
+    stats = SolverStatistics.from_pretrained("mnist5k")
+    return Setup(model, stats, data, DigitEvaluator(reference=data.heldout), x_T)
+
+
+def quality_rows(cfg: dict[str, Any], run: Setup) -> list[dict[str, Any]]:
+    """Fréchet distance, bootstrap error, precision, recall and time of every row at every K
+    of ``cfg`` (the same ``cfg['n']`` initial noises for all)."""
+    model, stats, evaluator, x_T = run.model, run.stats, run.evaluator, run.x_T
     quality: list[dict[str, Any]] = []
     for K in cfg["Ks"]:
         for name in ROWS:
@@ -124,27 +135,23 @@ def quality_rows(
                             "precision": prec, "recall": rec, "confidence": conf,
                             "seconds_per_image": seconds / cfg["n"]})  # fmt: skip
             print(f"K={K} {name}: Fréchet {fd:.1f} ± {se:.1f}, {seconds:.0f} s", flush=True)
-    return quality, evaluator, (model, stats, data, x_T)
+    return quality
 
 
 def measure_extension(plan: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Add the rows at ``cfg['Ks']`` to an earlier run of plan ``cfg['extends']`` (its
     ``few_step.json``, kept as measured): same sample count, same initial noise."""
     previous = args.out / "few_step.json"
-    if not previous.exists():
-        raise SystemExit(f"--plan {plan} extends an earlier run: {previous} is missing")
-    results = json.loads(previous.read_text())
+    results = stored_run(previous, plan, "quality_from")
     if results["config"].get("n") != cfg["n"]:
         raise SystemExit(
             f"--plan {plan} extends a --plan {cfg['extends']} run of {cfg['n']} samples per row; "
             f"{previous} has {results['config'].get('n')} (re-run --plan {cfg['extends']} first)"
         )
-    made = {k: results.get(k) for k in ("command", "date", "seconds", "machine")}
-    results["quality_from"] = results.get("quality_from") or made
     if "timing" in results:
-        results["timing"].setdefault("made", made)
+        results["timing"].setdefault("made", {k: results.get(k) for k in RUN_FIELDS})
     start, load = time.perf_counter(), os.getloadavg()[0]
-    rows, _, _ = quality_rows(cfg, args)
+    rows = quality_rows(cfg, setup(cfg, args))
     new_Ks = set(cfg["Ks"])
     results["quality"] = [r for r in results["quality"] if r["K"] not in new_Ks] + rows
     results["config"]["Ks"] = sorted(set(results["config"]["Ks"]) | new_Ks)
@@ -163,7 +170,9 @@ def measure(plan: str, args: argparse.Namespace) -> dict[str, Any]:
         return measure_timing(cfg, args)
     if "extends" in cfg:
         return measure_extension(plan, cfg, args)
-    quality, evaluator, (model, stats, data, x_T) = quality_rows(cfg, args)
+    run = setup(cfg, args)
+    quality = quality_rows(cfg, run)
+    model, stats, data, evaluator, x_T = run
     real = quality_row(evaluator, data.train[: cfg["real_n"]])
     conv_x = x_T[: cfg["conv_n"]].to(args.device)
     start = time.perf_counter()

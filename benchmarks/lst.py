@@ -66,6 +66,7 @@ from _common import (
     machine_line,
     main,
     markdown_table,
+    stored_run,
 )
 from kexue.experiments.lst import (
     FULL,
@@ -108,18 +109,10 @@ PLANS: dict[str, dict[str, Any]] = {
         "subprocess": True,
         "parallel": [LST_RANDOM, FULL],
     },
-    # re-measures the data-parallel section of a stored default run (reference included),
-    # keeping everything else as measured
-    "parallel": {
-        "data": "sst2",
-        "train_size": 2000,
-        "epochs": 3,
-        "fisher_samples": 1024,
-        "max_length": 128,
-        "subprocess": True,
-        "parallel": [LST_RANDOM, FULL],
-    },
 }
+# re-measures the data-parallel section of a stored default run (its one-process reference
+# included) with the default run's settings, keeping everything else as measured
+PLANS["parallel"] = dict(PLANS["default"])
 BATCH = 32
 REDUCTION = 8
 
@@ -169,15 +162,9 @@ def _backbone_info(path: str) -> dict[str, Any]:
 def _remeasure_parallel(plan: dict, args) -> dict[str, Any]:
     """``--plan parallel``: the stored run with its data-parallel section measured again, the
     one-process reference included (all of it in the same sitting)."""
-    previous = args.out / "lst.json"
-    if not previous.exists():
-        raise SystemExit(f"--plan parallel re-measures a stored run: {previous} is missing")
+    results = stored_run(args.out / "lst.json", "parallel", "rest_from", "load")
     if not (SST2 / "train.tsv").is_file():
         raise SystemExit(f"SST-2 not found at {SST2} (see ../shared/data/README.md)")
-    results = json.loads(previous.read_text())
-    results["rest_from"] = results.get("rest_from") or {
-        k: results.get(k) for k in ("command", "date", "seconds", "machine", "plan", "load")
-    }
     base = {
         **results["base"],
         "backbone": minilm_path(),

@@ -18,7 +18,6 @@ Usage: ``python benchmarks/perturbed_argmax.py --plan default`` (takes the CPU l
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import resource
 import time
@@ -32,7 +31,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from _common import Table, machine_line, main, markdown_table, median_ms, wall_seconds
+from _common import (
+    Table,
+    machine_line,
+    main,
+    markdown_table,
+    median_ms,
+    stored_run,
+    wall_seconds,
+)
 from kexue.distributions import perturbed_argmax_cross_entropy, perturbed_argmax_probs
 from kexue.distributions.maximum import default_nodes
 from kexue.distributions.noise import noise_family
@@ -252,13 +259,7 @@ def measure(plan: str, args: argparse.Namespace) -> dict[str, Any]:
     # One thread: on a shared machine, waiting for a second thread distorts every ratio.
     torch.set_num_threads(1)
     if plan == "heads":
-        previous = args.out / "distributions.json"
-        if not previous.exists():
-            raise SystemExit(f"--plan heads re-times an earlier run: {previous} is missing")
-        results = json.loads(previous.read_text())
-        results["rest_from"] = results.get("rest_from") or {
-            k: results.get(k) for k in ("command", "date", "seconds", "machine", "plan")
-        }
+        results = stored_run(args.out / "distributions.json", "heads", "rest_from")
         results["head"] = head_cost(cfg["head_sizes"], cfg["pairwise_head_max_n"],
                                     cfg["min_run_time"])  # fmt: skip
         results["compiled_block"] = compiled_block((100, 1000), cfg["min_run_time"])
