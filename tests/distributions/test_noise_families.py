@@ -106,6 +106,43 @@ def test_normal_kernel_far_tail_falls_back_to_the_exact_form() -> None:
     np.testing.assert_allclose(slope, ref, rtol=1e-10, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("name", ["gumbel", "normal", "logistic", "laplace", "custom"])
+def test_maximum_terms_match_scipy(name: str, dtype: torch.dtype) -> None:
+    """The kernel of the form over the maximum: ``log Phi`` and ``log h = log pdf - log cdf``
+    as ``c - u``, including the normal's far lower tail (below -12 / -37) and a custom family
+    (autograd density)."""
+    ref = SCIPY["normal" if name == "custom" else name]
+    family = (
+        custom_noise(
+            lambda t: 0.5 * torch.erfc(-t * math.sqrt(0.5)),
+            torch.special.ndtri,
+            log_cdf=torch.special.log_ndtr,
+        )
+        if name == "custom"
+        else noise_family(name)
+    )
+    low, high = {"gumbel": (-4, 30), "custom": (-5, 8)}.get(name, (-30, 30))
+    grid = X[(X > low) & (X < high)]
+    if name == "normal":
+        grid = np.concatenate([grid, [-50.0, -38.0, -13.0]])
+    x = torch.tensor(grid)
+    x = x.to(dtype)[None, :]
+    xs = x.double().numpy()
+    log_cdf, u, c = family.kernel_maximum_terms_(x.clone(), torch.empty_like(x), float(x.min()))
+    with np.errstate(divide="ignore"):
+        want_cdf = ref.logcdf(xs)
+        want_h = ref.logpdf(xs) - want_cdf
+    # log Phi may round to 0 within ~1e-7 / 1e-16 of it (module docstring): 8 eps absolute;
+    # forming u from x rounds at eps |x|
+    eps = torch.finfo(dtype).eps
+    rtol = 64 * eps * (1 + xs**2)
+    err_cdf = np.abs(log_cdf.double().numpy() - want_cdf)
+    assert (err_cdf <= 8 * eps + rtol * np.abs(want_cdf)).all(), err_cdf.max()
+    err_h = np.abs(c - u.double().numpy() - want_h)
+    assert (err_h <= 8 * eps * (1 + np.abs(xs)) + rtol * np.abs(want_h)).all(), err_h.max()
+
+
 @pytest.mark.parametrize("name", NOISE_NAMES)
 def test_samples_follow_the_cdf(name: str) -> None:
     family = noise_family(name)

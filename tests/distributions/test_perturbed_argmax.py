@@ -325,6 +325,30 @@ def test_cross_entropy_normal_matches_reference(random_mu) -> None:
     assert gradcheck(lambda m: perturbed_argmax_cross_entropy(m, target, num_nodes=64), (leaf,))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("family", ["normal", "laplace"])
+def test_cross_entropy_is_the_picked_log_probability(random_mu, family: str, reduction) -> None:
+    """The loss (one autograd node for the form over the maximum) against ``-log p_target``
+    from :func:`perturbed_argmax_log_probs`, value and gradient, with leading dimensions and
+    the classes along ``dim=1``."""
+    mu = random_mu((2, 9, 3), 1.5, seed=16)
+    target = torch.tensor([[0, 8, 4], [3, 3, 7]])
+    weight = random_mu((2, 3), 1.0, seed=17)
+
+    def picked(m: torch.Tensor) -> torch.Tensor:
+        log_p = perturbed_argmax_log_probs(m, family, dim=1)
+        loss = -log_p.gather(1, target[:, None, :]).squeeze(1)
+        return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
+
+    leaves = [mu.clone().requires_grad_() for _ in range(2)]
+    ours = perturbed_argmax_cross_entropy(leaves[0], target, family, dim=1, reduction=reduction)
+    ref = picked(leaves[1])
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    (ours * (weight if reduction == "none" else 1.0)).sum().backward()
+    (ref * (weight if reduction == "none" else 1.0)).sum().backward()
+    torch.testing.assert_close(leaves[0].grad, leaves[1].grad, rtol=1e-9, atol=1e-12)
+
+
 def test_cross_entropy_module_dim_and_far_targets() -> None:
     module = PerturbedArgmaxCrossEntropy(laplace(), num_nodes=16, reduction="sum")
     assert "laplace" in repr(module)

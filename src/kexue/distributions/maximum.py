@@ -20,7 +20,9 @@ without evaluating ``P`` (bounds below); outside it the integrands hold less tha
 from __future__ import annotations
 
 import math
+import threading
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +32,14 @@ from torch.autograd.function import once_differentiable
 from kexue.distributions.noise import NoiseFamily
 from kexue.ops import exp_flush_
 
-__all__ = ["MAXIMUM_RULES", "default_nodes", "maximum_log_mass", "maximum_nodes", "maximum_window"]
+__all__ = [
+    "MAXIMUM_RULES",
+    "default_nodes",
+    "maximum_cross_entropy",
+    "maximum_log_mass",
+    "maximum_nodes",
+    "maximum_window",
+]
 
 MAXIMUM_RULES = ("trapezoid", "split-gauss-legendre")
 # (log delta_lo, delta_hi): log P at the window's lower end, the tail mass above its upper end.
@@ -79,37 +88,51 @@ def maximum_window(
     known = top.shape[-1]
     n = known if n is None else n
     bottom = top[..., -1:] if bottom is None else bottom
-    log_lo, hi = _WINDOW.get(top.dtype, _WINDOW[torch.float32])
-    lower, split = _levels(n, known)
-    q_lo, q_hi = _window_quantiles(family, n, known, log_lo, hi)
-    q_lo, q_hi = q_lo.to(top), q_hi.to(top)
-    idx: list[int] | Tensor = [k - 1 for k in lower if k < n and k <= known]
-    idx = torch.tensor(idx, dtype=torch.long, device=top.device)
+    idx, split, q_lo, q_hi = _window_plan(family, n, known, top.dtype, top.device)
     at_levels = torch.cat([top.index_select(-1, idx), bottom], -1)
     y_lo = (at_levels + q_lo).amax(-1)
     first = top[..., :1]
     y_hi = first[..., 0] + q_hi[-1]  # k = n: n (1 - Phi(y - s_1)) <= delta_hi
-    if split:
-        rest = top.index_select(-1, torch.tensor(split, device=top.device))
+    if split is not None:
+        rest = top.index_select(-1, split)
         bound = torch.maximum(first + q_hi[: len(split)], rest + q_hi[len(split) : -1])
         y_hi = torch.minimum(y_hi, bound.amin(-1))
     return y_lo, torch.maximum(y_hi, y_lo + 1e-3)
 
 
 @lru_cache(maxsize=256)
-def _window_quantiles_cached(family: NoiseFamily, n: int, known: int, log_lo: float, hi: float):
+def _window_plan_cached(
+    family: NoiseFamily, n: int, known: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Indices into ``top`` of the lower end's levels and the upper end's ``s_{k+1}``, and the
+    quantiles of both ends, on ``dtype`` and ``device``: the window's constants for ``n``."""
+    log_lo, hi = _WINDOW.get(dtype, _WINDOW[torch.float32])
     lower_ks, split_ks = _levels(n, known)
     lower = np.exp(log_lo / np.array(lower_ks, dtype=np.float64))
     split = np.array(split_ks, dtype=np.float64)
     upper = np.concatenate([hi / (2 * split), hi / (2 * (n - split)), [hi / n]])
-    return _quantiles(family, lower, upper)
+    q_lo, q_hi = (q.to(dtype=dtype, device=device) for q in _quantiles(family, lower, upper))
+    idx = [k - 1 for k in lower_ks if k < n and k <= known]
+    rest = torch.tensor(split_ks, dtype=torch.long, device=device) if split_ks else None
+    return torch.tensor(idx, dtype=torch.long, device=device), rest, q_lo, q_hi
 
 
-def _window_quantiles(family: NoiseFamily, n: int, known: int, log_lo: float, hi: float):
+def _window_plan(
+    family: NoiseFamily, n: int, known: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     try:
-        return _window_quantiles_cached(family, n, known, log_lo, hi)
+        return _window_plan_cached(family, n, known, dtype, device)
     except TypeError:  # an unhashable family
-        return _window_quantiles_cached.__wrapped__(family, n, known, log_lo, hi)
+        return _window_plan_cached.__wrapped__(family, n, known, dtype, device)
+
+
+@lru_cache(maxsize=64)
+def _trapezoid(num_nodes: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Positions in [0, 1] and log-weights of the trapezoid rule with ``num_nodes`` nodes."""
+    t = torch.linspace(0.0, 1.0, num_nodes, dtype=torch.float64)
+    w = torch.full((num_nodes,), 1.0 / (num_nodes - 1), dtype=torch.float64)
+    w[[0, -1]] /= 2.0
+    return t.to(dtype=dtype, device=device), w.log().to(dtype=dtype, device=device)
 
 
 @lru_cache(maxsize=64)
@@ -134,7 +157,8 @@ def maximum_nodes(
 ) -> tuple[Tensor, Tensor]:
     """Nodes ``y`` and log-weights ``log w`` per row of scores ``mu`` ``(rows, n)``,
     ``(rows, M)``, on the window of :func:`maximum_window` (from the 65 largest scores and the
-    smallest: a full sort costs more than the rest of the forward pass at n = 1,000).
+    smallest: a full sort costs more than the rest of the forward pass at n = 1,000). No
+    gradient flows through them.
 
     ``"trapezoid"``: ``num_nodes`` equally spaced nodes (the integrand and its derivatives
     vanish at both ends, so the error falls exponentially for smooth densities).
@@ -147,11 +171,8 @@ def maximum_nodes(
     width = y_hi - y_lo
     dtype, device = mu.dtype, mu.device
     if rule == "trapezoid":
-        t = torch.linspace(0.0, 1.0, num_nodes, dtype=torch.float64)
-        w = torch.full((num_nodes,), 1.0 / (num_nodes - 1), dtype=torch.float64)
-        w[[0, -1]] /= 2.0
-        y = y_lo[..., None] + width[..., None] * t.to(dtype=dtype, device=device)
-        return y, width.log()[..., None] + w.log().to(dtype=dtype, device=device)
+        t, log_w = _trapezoid(num_nodes, dtype, device)
+        return torch.addcmul(y_lo[..., None], width[..., None], t), width.log()[..., None] + log_w
     cells = math.ceil(num_nodes / _GL_ORDER)
     grid = torch.linspace(0.0, 1.0, cells + 1, dtype=dtype, device=device)
     edges: list[Tensor] | Tensor  # the pieces, then their sorted concatenation
@@ -168,18 +189,33 @@ def maximum_nodes(
 
 
 def largest_scores(mu: Tensor, k: int) -> Tensor:
-    """The ``k`` largest scores of each row of ``mu`` ``(rows, n)`` in decreasing order,
-    differentiable (``mu.topk(k).values``). On CPU the indices come from numpy's partial
-    partition and a sort of the ``k`` survivors: ``torch.topk`` sorts its result about 5x
-    slower at n = 100 to 1,000, more than the rest of the forward pass."""
+    """The ``k`` largest scores of each row of ``mu`` ``(rows, n)`` in decreasing order (values
+    only, no gradient). On CPU numpy's partial partition and a sort of the ``k`` survivors:
+    ``torch.topk`` takes about 5x longer at n = 100 to 1,000 (``torch.sort`` 30x at 1,000),
+    more than the rest of the forward pass."""
     n = mu.shape[-1]
     if mu.device.type != "cpu" or mu.dtype not in (torch.float32, torch.float64):
-        return mu.topk(k, -1).values
+        return mu.detach().topk(k, -1).values
     a = mu.detach().numpy()
-    part = np.argpartition(a, n - k, axis=-1)[..., n - k :] if k < n else np.indices(a.shape)[-1]
-    order = np.argsort(-np.take_along_axis(a, part, -1), axis=-1)
-    index = torch.from_numpy(np.take_along_axis(part, order, -1))
-    return mu.gather(-1, index)
+    top = np.partition(a, n - k, axis=-1)[..., n - k :] if k < n else a
+    return torch.from_numpy(np.sort(top, axis=-1)[..., ::-1].copy())
+
+
+_workspace = threading.local()
+
+
+def _scratch(like: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """A buffer of ``shape`` for values that do not outlive the call. On CPU one grow-only
+    buffer per thread (at most a block, ~1 MB in float32): a fresh one each call would be
+    paged in anew each time. Elsewhere the caching allocator does that already."""
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    size = math.prod(shape)
+    buffers: dict[torch.dtype, Tensor] = _workspace.__dict__.setdefault("buffers", {})
+    buf = buffers.get(like.dtype)
+    if buf is None or buf.numel() < size:
+        buf = buffers[like.dtype] = like.new_empty(size)
+    return buf[:size].view(shape)
 
 
 def _block_rows(rows: int, m: int, n: int, device: torch.device) -> int:
@@ -197,73 +233,167 @@ class _MaximumLogMass(torch.autograd.Function):
     """``log m_i`` for rows of centred scores ``mu`` ``(B, n)`` on fixed nodes ``y`` ``(B, M)``
     with log-weights ``log_w``.
 
-    Saves the node posteriors ``pi_ki = w_k P(y_k) h(y_k - mu_i) / m_i`` and ``log h(y_k -
-    mu_i)`` (``O(M n)`` per row), each computed in place in its saved buffer (no copies).
-    With ``G`` the incoming gradient, ``c_k = sum_i G_i pi_ki``, ``h_kl = h(y_k - mu_l)`` and
-    ``d_kl = (log h)'(y_k - mu_l)``,
+    The forward keeps, per row, the node terms ``e_ki = w_k P(y_k) h(y_k - mu_i) / s_i`` (each
+    class scaled by its largest term ``s_i``, so that ``pi_ki = e_ki / sum_k e_ki`` are its
+    node posteriors) and ``u`` with ``log h(y_k - mu_i) = c - u_ki``: ``O(M n)`` per row, each
+    computed in place in its saved buffer. With the incoming gradient ``G``, ``C_k = sum_i
+    G_i pi_ki``, ``h_kl = h(y_k - mu_l)`` and ``d_kl = (log h)'(y_k - mu_l) = (log phi)'(y_k -
+    mu_l) - h_kl``,
 
-        dL/dmu_l = -sum_k c_k h_kl - G_l sum_k pi_kl d_kl,
+        dL/dmu_l = -sum_k C_k h_kl - G_l sum_k pi_kl d_kl,
 
     the derivative of the integrand taken under the integral, on the same nodes, then
     projected onto the vectors that sum to zero (where the exact gradient lies, ``p`` being
-    unchanged by ``mu + c``). The exact ``p`` does not depend on where the nodes lie, so they
-    carry no gradient.
+    unchanged by ``mu + c``). Where ``(log phi)' = a x + b h + c`` (``family.log_density_slope``:
+    normal, logistic, Gumbel), ``sum_k pi_kl d_kl`` needs no pass of its own over the nodes
+    beyond ``sum_k pi_kl h_kl``: ``sum_k pi_kl x_kl = sum_k pi_kl y_k - mu_l`` is an ``(1, M)
+    @ (M, n)`` product. The exact ``p`` does not depend on where the nodes lie, so they carry
+    no gradient.
     """
 
     @staticmethod
     def forward(ctx, mu: Tensor, y: Tensor, log_w: Tensor, family: NoiseFamily) -> Tensor:
-        rows, n = mu.shape
-        m = y.shape[-1]
-        out = mu.new_empty(rows, n)
-        keep = ctx.needs_input_grad[0]
-        step = _block_rows(rows, m, n, mu.device)
-        post = mu.new_empty(rows if keep else step, m, n)
-        log_h = mu.new_empty(rows if keep else step, m, n)
-        scratch = mu.new_empty(step, m, n)
-        for r0 in range(0, rows, step):
-            r = slice(r0, min(rows, r0 + step))
-            b = r.stop - r.start
-            x = torch.sub(y[r, :, None], mu[r, None, :], out=log_h[r] if keep else log_h[:b])
-            log_cdf = family.kernel_log_cdf_(scratch[:b].copy_(x))
-            g = family.kernel_log_hazard_(x, log_cdf)  # log h, in place
-            log_pw = log_cdf.sum(-1, keepdim=True).add_(log_w[r, :, None])  # log w_k P(y_k)
-            g = torch.add(g, log_pw, out=post[r] if keep else post[:b])
-            top = g.amax(1, keepdim=True)
-            top.masked_fill_(~torch.isfinite(top), 0.0)
-            e = exp_flush_(g.sub_(top))
-            total = e.sum(1, keepdim=True)
-            out[r] = (total.log() + top).squeeze(1)
-            if keep:
-                e.div_(total.where(total > 0, 1.0))
-        ctx.family = family
-        if keep:
-            ctx.save_for_backward(mu, y, post, log_h)
+        out, saved = _log_mass_forward(mu, y, log_w, family, ctx.needs_input_grad[0])
+        ctx.family, ctx.shift = family, saved.shift
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(*saved.tensors)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        mu, y, post, log_h = ctx.saved_tensors
-        rows, n = mu.shape
-        m = y.shape[-1]
-        g_mu = torch.empty_like(mu)
-        step = _block_rows(rows, m, n, mu.device)
-        h_buf, d_buf = mu.new_empty(step, m, n), mu.new_empty(step, m, n)
-        for r0 in range(0, rows, step):
-            r = slice(r0, min(rows, r0 + step))
-            b = r.stop - r.start
-            pi, gr = post[r], grad[r, :, None]
-            c = torch.bmm(pi, gr)  # (b, M, 1)
-            x = torch.sub(y[r, :, None], mu[r, None, :], out=d_buf[:b])
-            h = torch.exp(log_h[r], out=h_buf[:b])  # h(y_k - mu_l)
-            pd = ctx.family.kernel_dlog_hazard_(x, h).mul_(pi)  # pi_kl d_kl
-            # sum_k c_k h_kl as (1, M) @ (M, n), written into g_mu's rows (contiguous)
-            torch.bmm(c.transpose(1, 2), h, out=g_mu[r, None, :]).neg_()
-            g_mu[r] -= pd.sum(1) * grad[r]
-        # The exact map is unchanged by mu + c, so its exact gradient sums to 0 over the
-        # classes; projecting onto that subspace can only bring the quadrature's closer to it.
-        g_mu -= g_mu.mean(-1, keepdim=True)
-        return g_mu, None, None, None
+        saved = _Saved(ctx.saved_tensors, ctx.shift, ctx.family)
+        return _log_mass_backward(saved, grad), None, None, None
+
+
+class _Saved(NamedTuple):
+    tensors: tuple[Tensor, ...]  # mu, y, e, u, 1 / sum_k e (B, 1, n)
+    shift: float  # c of log h = c - u
+    family: NoiseFamily
+
+
+def _log_mass_forward(
+    mu: Tensor, y: Tensor, log_w: Tensor, family: NoiseFamily, keep: bool
+) -> tuple[Tensor, _Saved]:
+    """``log m`` ``(B, n)`` and, if ``keep``, what the backward needs (:class:`_MaximumLogMass`)."""
+    rows, n = mu.shape
+    m = y.shape[-1]
+    out = mu.new_empty(rows, n)
+    step = _block_rows(rows, m, n, mu.device)
+    terms = mu.new_empty(rows if keep else step, m, n)  # e_ki
+    u_buf = mu.new_empty(rows if keep else step, m, n)  # u_ki
+    scratch = _scratch(mu, (step, m, n))
+    inv_total = mu.new_empty(rows, 1, n)
+    # the smallest y_k - mu_i of each row, from M + n numbers instead of M n
+    x_low = y.amin(-1) - mu.amax(-1)
+    shift = 0.0
+    for r0 in range(0, rows, step):
+        r = slice(r0, min(rows, r0 + step))
+        b = r.stop - r.start
+        x = torch.sub(y[r, :, None], mu[r, None, :], out=u_buf[r] if keep else u_buf[:b])
+        log_cdf, u, shift = family.kernel_maximum_terms_(x, scratch[:b], float(x_low[r].amin()))
+        if u.data_ptr() != x.data_ptr():
+            u = x.copy_(u)
+        # log(w_k P(y_k) h(y_k - mu_i)) = (log w_k + log P(y_k) + c) - u_ki
+        log_pw = log_cdf.sum(-1, keepdim=True).add_(log_w[r, :, None] + shift)
+        g = torch.sub(log_pw, u, out=terms[r] if keep else terms[:b])
+        top = g.amax(1, keepdim=True)
+        top.masked_fill_(~torch.isfinite(top), 0.0)
+        total = exp_flush_(g.sub_(top)).sum(1, keepdim=True)
+        out[r] = (total.log() + top).squeeze(1)
+        inv_total[r] = total.where(total > 0, 1.0).reciprocal_().where(total > 0, 0.0)
+    tensors = (mu, y, terms, u_buf, inv_total) if keep else ()
+    return out, _Saved(tensors, shift, family)
+
+
+def _log_mass_backward(saved: _Saved, grad: Tensor) -> Tensor:
+    """The gradient in ``mu`` from the gradient ``grad`` ``(B, n)`` in ``log m``."""
+    mu, y, terms, u_buf, inv_total = saved.tensors
+    family = saved.family
+    rows, m, n = terms.shape
+    g_mu = torch.empty_like(mu)
+    step = _block_rows(rows, m, n, mu.device)
+    h_buf = _scratch(terms, (step, m, n))
+    scale = math.exp(saved.shift)  # h = e^c exp(-u)
+    weighted = grad[:, None, :] * inv_total  # G_i / sum_k e_ki, (B, 1, n)
+    mass = (inv_total > 0).to(mu.dtype)  # sum_k pi_kl: 1, or 0 where the class has no mass
+    slope = family.log_density_slope
+    for r0 in range(0, rows, step):
+        r = slice(r0, min(rows, r0 + step))
+        b = r.stop - r.start
+        e, gw, inv = terms[r], weighted[r], inv_total[r]
+        # C_k e^c as (1, n) @ (n, M): about 4x faster than (M, n) @ (n, 1) on CPUs
+        big_c = torch.bmm(gw, e.transpose(1, 2)).mul_(scale)
+        h = torch.neg(u_buf[r], out=h_buf[:b]).exp_()  # h / e^c
+        g_mu[r, None, :] = torch.bmm(big_c, h).neg_()  # -sum_k C_k h_kl
+        pi_h = h.mul_(e).sum(1, keepdim=True).mul_(inv * scale)  # sum_k pi_kl h_kl
+        if slope is not None:
+            a, b_h, c = slope  # sum_k pi_kl (a x_kl + b h_kl + c) - sum_k pi_kl h_kl
+            pi_y = torch.bmm(y[r, None, :], e).mul_(inv)  # sum_k pi_kl y_k
+            pi_d = (pi_y - mu[r, None, :] * mass[r]).mul_(a)
+            pi_d.add_(pi_h, alpha=b_h - 1.0).add_(mass[r], alpha=c)
+        else:
+            x = torch.sub(y[r, :, None], mu[r, None, :], out=h_buf[:b])
+            pi_d = family.kernel_dlog_density_(x).mul_(e).sum(1, keepdim=True)
+            pi_d = pi_d.mul_(inv).sub_(pi_h)
+        g_mu[r, None, :] -= pi_d.mul_(grad[r, None, :])
+    # The exact map is unchanged by mu + c, so its exact gradient sums to 0 over the
+    # classes; projecting onto that subspace can only bring the quadrature's closer to it.
+    return g_mu.sub_(g_mu.mean(-1, keepdim=True))
+
+
+class _MaximumCrossEntropy(torch.autograd.Function):
+    """``-log p_target`` per row of scores ``(B, n)``, reduced, as one autograd node: the
+    centring, the nodes, ``log m``, its normalisation and the pick of the target. With the
+    incoming gradient ``g_r`` of row ``r``'s loss, the gradient in ``log m`` is
+    ``g_r (p - onehot(target))``, passed to the backward of :class:`_MaximumLogMass`."""
+
+    @staticmethod
+    def forward(ctx, scores, target, family, num_nodes, rule, reduction):
+        centred = scores - scores.amax(-1, keepdim=True)  # only differences matter
+        y, log_w = maximum_nodes(centred, family, num_nodes, rule)
+        log_m, saved = _log_mass_forward(centred, y, log_w, family, ctx.needs_input_grad[0])
+        log_p = torch.log_softmax(log_m, -1)
+        loss = log_p.gather(-1, target[:, None]).squeeze(-1).neg_()
+        ctx.family, ctx.shift, ctx.reduction = family, saved.shift, reduction
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(log_p, target, *saved.tensors)
+        if reduction == "mean":
+            return loss.mean()
+        return loss.sum() if reduction == "sum" else loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        log_p, target, *tensors = ctx.saved_tensors
+        rows = log_p.shape[0]
+        if ctx.reduction == "mean":
+            grad = grad.expand(rows) / rows
+        elif ctx.reduction == "sum":
+            grad = grad.expand(rows)
+        g_log_m = (
+            log_p.exp()
+            .scatter_add_(-1, target[:, None], torch.full_like(log_p[:, :1], -1.0))
+            .mul_(grad[:, None])
+        )
+        g = _log_mass_backward(_Saved(tuple(tensors), ctx.shift, ctx.family), g_log_m)
+        return g, None, None, None, None, None
+
+
+def maximum_cross_entropy(
+    scores: Tensor,
+    target: Tensor,
+    family: NoiseFamily,
+    num_nodes: int | None,
+    rule: str,
+    reduction: str,
+) -> Tensor:
+    """``-log p_target`` of rows of scores ``(B, n)`` (``B >= 1``) with integer targets
+    ``(B,)`` by the form over the maximum, reduced by ``reduction``: one autograd node instead
+    of the half dozen of ``log_softmax(maximum_log_mass(...))`` and the pick (a fixed cost of
+    about 0.2 ms a call on CPUs, a tenth of the whole at 64 x 100)."""
+    nodes = num_nodes or default_nodes(family, scores.dtype)
+    return _MaximumCrossEntropy.apply(scores, target, family, nodes, rule, reduction)
 
 
 def maximum_log_mass(

@@ -13,10 +13,11 @@ Built-in families (standard parameters; scale the scores ``mu`` for a temperatur
 
 Besides the public ``cdf``/``log_cdf``/``icdf``/``isf``/``sample``, each family has kernel
 methods used by the quadratures: ``kernel_log_cdf_`` and ``kernel_dlog_cdf_`` (the pairwise
-form), ``kernel_log_hazard_`` and ``kernel_dlog_hazard_`` (the form over the maximum, with the
-reverse hazard ``h = phi / Phi``). They may overwrite their argument, may round ``log Phi`` to
-0 where it is within ``1e-16`` (float64) or ``1e-7`` (float32) of 0, and return finite
-derivatives everywhere.
+form), ``kernel_maximum_terms_`` and ``kernel_dlog_density_`` (the form over the maximum:
+``log Phi`` and the reverse hazard ``h = phi / Phi`` as ``log h = c - u``, in as few passes
+over the nodes as the family allows, and ``(log phi)'`` where ``log_density_slope`` does not
+give it). They may overwrite their argument, may round ``log Phi`` to 0 where it is within
+``1e-16`` (float64) or ``1e-7`` (float32) of 0, and return finite derivatives everywhere.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class NoiseFamily:
     default_method: str = "maximum"
     grid_nodes: tuple[int, int] = (64, 48)
     grid_kinks: bool = False
+    # (a, b, c) with (log phi)'(x) = a x + b h(x) + c, where the family has that form: the
+    # backward of the form over the maximum then needs no pass of its own for (log phi)'.
+    log_density_slope: tuple[float, float, float] | None = None
 
     def cdf(self, x: Tensor) -> Tensor:
         """``Phi(x)``, elementwise, for a floating tensor ``x``."""
@@ -131,24 +135,34 @@ class NoiseFamily:
             (grad,) = torch.autograd.grad(value.sum(), leaf)
         return torch.where(torch.isfinite(value) & torch.isfinite(grad), grad, 0.0)
 
-    def kernel_log_hazard_(self, x: Tensor, log_cdf: Tensor) -> Tensor:
-        """``log h(x) = log phi(x) - log Phi(x)`` given ``log_cdf = log Phi(x)``; may overwrite
-        ``x``. The default differentiates ``_cdf`` with autograd for the density."""
+    def kernel_maximum_terms_(
+        self, x: Tensor, scratch: Tensor, x_min: float
+    ) -> tuple[Tensor, Tensor, float]:
+        """``(log_cdf, u, c)`` with ``log_cdf = log Phi(x)`` and ``log h(x) = c - u`` for the
+        reverse hazard ``h = phi / Phi``, given ``x_min <= x.min()``; ``scratch`` (shaped like
+        ``x``) may hold ``log_cdf`` and ``u`` may overwrite ``x``. The split into ``c - u``
+        lets a family skip the passes that only add a constant or flip a sign. The default
+        differentiates ``_cdf`` with autograd for the density."""
+        log_cdf = self.kernel_log_cdf_(scratch.copy_(x))
         with torch.enable_grad():
             leaf = x.detach().requires_grad_()
             (density,) = torch.autograd.grad(self._cdf(leaf).sum(), leaf)
         # outside the support log phi - log Phi is -inf - (-inf): no mass there, h = 0
-        return density.log().sub_(log_cdf).nan_to_num_(nan=-math.inf)
+        log_h = density.log().sub_(log_cdf).nan_to_num_(nan=-math.inf)
+        return log_cdf, torch.neg(log_h, out=x), 0.0
 
-    def kernel_dlog_hazard_(self, x: Tensor, hazard: Tensor) -> Tensor:
-        """``d log h / dx = (log phi)' - h`` given ``hazard = h(x)``, finite where ``h > 0``;
-        may overwrite ``x``. The default uses autograd (twice) on ``_cdf``."""
+    def kernel_dlog_density_(self, x: Tensor) -> Tensor:
+        """``(log phi)'(x)``, finite where ``phi > 0``; may overwrite ``x``. Used by the form
+        over the maximum where ``log_density_slope`` is ``None``; the default uses autograd
+        (twice) on ``_cdf``."""
         with torch.enable_grad():
             leaf = x.detach().requires_grad_()
             (density,) = torch.autograd.grad(self._cdf(leaf).sum(), leaf, create_graph=True)
             (slope,) = torch.autograd.grad(density.sum(), leaf)
-        out = slope.div_(density.detach()).sub_(hazard)
+        out = slope.div_(density.detach())
         return torch.where(torch.isfinite(out), out, 0.0)
+
+    has_closed_form: bool = False  # closed_form_log_probs returns a value
 
     def closed_form_log_probs(self, mu: Tensor) -> Tensor | None:
         """``log p`` over the last dim in closed form, or ``None`` when there is none."""
@@ -179,6 +193,8 @@ class GumbelNoise(NoiseFamily):
     """Standard Gumbel: ``Phi(x) = exp(-exp(-x))``; the map is softmax (Gumbel-max trick)."""
 
     name = "gumbel"
+    has_closed_form = True
+    log_density_slope = (0.0, 1.0, -1.0)  # (log phi)' = e^{-x} - 1 = h - 1
     grid_nodes = (16, 16)  # the form over the maximum gives softmax exactly at any nodes
 
     def _cdf(self, x: Tensor) -> Tensor:
@@ -204,12 +220,11 @@ class GumbelNoise(NoiseFamily):
         limit = _exp_limit(x.dtype)
         return x.clamp_(-limit, limit).neg_().exp_()
 
-    # log phi = -x - e^{-x} = -x + log Phi: the hazard is e^{-x}.
-    def kernel_log_hazard_(self, x: Tensor, log_cdf: Tensor) -> Tensor:
-        return x.neg_()
-
-    def kernel_dlog_hazard_(self, x: Tensor, hazard: Tensor) -> Tensor:
-        return x.fill_(-1.0)
+    # log phi = -x - e^{-x} = -x + log Phi: the hazard is e^{-x}, so u = x.
+    def kernel_maximum_terms_(
+        self, x: Tensor, scratch: Tensor, x_min: float
+    ) -> tuple[Tensor, Tensor, float]:
+        return self.kernel_log_cdf_(scratch.copy_(x)), x, 0.0
 
 
 # Inside [lo, hi], log Phi = log(erfc(-x / sqrt 2) / 2) needs no special function beyond erfc
@@ -226,6 +241,7 @@ class NormalNoise(NoiseFamily):
     probit (for ``n = 2``, ``p_1 = Phi((mu_1 - mu_2) / sqrt 2)``)."""
 
     name = "normal"
+    log_density_slope = (-1.0, 0.0, 0.0)  # (log phi)' = -x
     grid_nodes = (32, 24)
 
     def _cdf(self, x: Tensor) -> Tensor:
@@ -268,18 +284,24 @@ class NormalNoise(NoiseFamily):
             z[far] = cast(Tensor, exact)  # computed when far is not None
         return z
 
-    # log phi = -x^2 / 2 - log sqrt(2 pi), (log phi)' = -x.
-    def kernel_log_hazard_(self, x: Tensor, log_cdf: Tensor) -> Tensor:
-        return x.square_().mul_(-0.5).sub_(log_cdf).sub_(_LOG_SQRT_2PI)
-
-    def kernel_dlog_hazard_(self, x: Tensor, hazard: Tensor) -> Tensor:
-        return x.neg_().sub_(hazard)
+    # log phi = -x^2 / 2 - log sqrt(2 pi): u = log Phi + x^2 / 2 (one fused pass); log Phi
+    # costs four passes when x_min shows no far tail (no scan of x for it).
+    def kernel_maximum_terms_(
+        self, x: Tensor, scratch: Tensor, x_min: float
+    ) -> tuple[Tensor, Tensor, float]:
+        lo = _NORMAL_RANGE.get(x.dtype, _NORMAL_RANGE[torch.float32])[0]
+        if x_min >= lo:  # erfc stays normal; above hi it rounds to 2 and log Phi to 0 anyway
+            log_cdf = torch.mul(x, -_SQRT_HALF, out=scratch).erfc_().log_().sub_(_LN2)
+        else:
+            log_cdf = self.kernel_log_cdf_(scratch.copy_(x))
+        return log_cdf, torch.addcmul(log_cdf, x, x, value=0.5, out=x), -_LOG_SQRT_2PI
 
 
 class LogisticNoise(NoiseFamily):
     """Standard logistic: ``Phi(x) = 1 / (1 + exp(-x))``."""
 
     name = "logistic"
+    log_density_slope = (0.0, 2.0, -1.0)  # (log phi)' = 1 - 2 Phi = 2 h - 1
     grid_nodes = (64, 40)  # exponential tails: a wider window than the normal's
 
     def _cdf(self, x: Tensor) -> Tensor:
@@ -305,11 +327,11 @@ class LogisticNoise(NoiseFamily):
         return x.clamp_(-limit, limit).neg_().sigmoid_()
 
     # phi = Phi (1 - Phi): the hazard is 1 - Phi(x) = Phi(-x), log h = log Phi(x) - x.
-    def kernel_log_hazard_(self, x: Tensor, log_cdf: Tensor) -> Tensor:
-        return torch.sub(log_cdf, x, out=x)
-
-    def kernel_dlog_hazard_(self, x: Tensor, hazard: Tensor) -> Tensor:
-        return torch.sub(hazard, 1.0, out=x)
+    def kernel_maximum_terms_(
+        self, x: Tensor, scratch: Tensor, x_min: float
+    ) -> tuple[Tensor, Tensor, float]:
+        log_cdf = self.kernel_log_cdf_(scratch.copy_(x))
+        return log_cdf, x.sub_(log_cdf), 0.0
 
 
 class LaplaceNoise(NoiseFamily):
@@ -343,12 +365,15 @@ class LaplaceNoise(NoiseFamily):
     def kernel_dlog_cdf_(self, x: Tensor) -> Tensor:
         return x.clamp_(0.0, _exp_limit(x.dtype)).exp_().mul_(2.0).sub_(1.0).reciprocal_()
 
-    # log phi = -|x| - log 2, (log phi)' = -sign(x): a kink at 0.
-    def kernel_log_hazard_(self, x: Tensor, log_cdf: Tensor) -> Tensor:
-        return x.abs_().neg_().sub_(log_cdf).sub_(_LN2)
+    # log phi = -|x| - log 2 (a kink at 0): u = |x| + log Phi, c = -log 2.
+    def kernel_maximum_terms_(
+        self, x: Tensor, scratch: Tensor, x_min: float
+    ) -> tuple[Tensor, Tensor, float]:
+        log_cdf = self.kernel_log_cdf_(scratch.copy_(x))
+        return log_cdf, x.abs_().add_(log_cdf), -_LN2
 
-    def kernel_dlog_hazard_(self, x: Tensor, hazard: Tensor) -> Tensor:
-        return x.sign_().neg_().sub_(hazard)
+    def kernel_dlog_density_(self, x: Tensor) -> Tensor:
+        return x.sign_().neg_()
 
 
 class UniformNoise(NoiseFamily):

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kexue.distributions.maximum import MAXIMUM_RULES, maximum_log_mass
+from kexue.distributions.maximum import MAXIMUM_RULES, maximum_cross_entropy, maximum_log_mass
 from kexue.distributions.noise import NoiseFamily, noise_family
 from kexue.distributions.pairwise import pairwise_log_mass
 from kexue.distributions.quadrature import RULES
-from kexue.ops import check_reduction, compute_dtype, logsumexp, reduce_loss
+from kexue.ops import check_reduction, compute_dtype, reduce_loss
 from kexue.validation import (
     check_bool,
     check_dim,
@@ -125,9 +125,12 @@ def _log_probs(
     method: str,
     dim: int,
     closed_form: bool,
+    checked: bool = False,
 ) -> Tensor:
-    """``log p`` with the classes last, in the compute dtype (float32 for half inputs)."""
-    check_mu(mu, dim)
+    """``log p`` with the classes last, in the compute dtype (float32 for half inputs);
+    ``checked``: ``mu`` has passed :func:`check_mu` already."""
+    if not checked:
+        check_mu(mu, dim)
     family = noise_family(noise)
     method, rule, num_nodes = check_quadrature(num_nodes, rule, family, method)
     check_bool(closed_form, "closed_form")
@@ -144,7 +147,7 @@ def _log_probs(
         maximum_log_mass if method == "maximum" else pairwise_log_mass
     )
     log_m = mass(centred, family, num_nodes, rule)
-    log_p = log_m - logsumexp(log_m, -1, keepdim=True)
+    log_p = torch.log_softmax(log_m, -1)  # log m_i - logsumexp_l log m_l
     return log_p.reshape(*lead, n)
 
 
@@ -243,13 +246,20 @@ def perturbed_argmax_cross_entropy(
             f"target must have shape {tuple(rows)} (mu without dim), got {tuple(target.shape)}"
         )
     n = mu.shape[dim]
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= n):
-        raise ValueError(f"target must hold class indices in [0, {n})")
-    log_p = perturbed_argmax_log_probs(
-        mu, noise, num_nodes=num_nodes, rule=rule, method=method, dim=dim
-    )
-    log_p = log_p.movedim(dim, -1)
-    loss = -log_p.gather(-1, target.long()[..., None]).squeeze(-1)
+    if target.numel():
+        low, high = (int(v) for v in target.aminmax())
+        if low < 0 or high >= n:
+            raise ValueError(f"target must hold class indices in [0, {n})")
+    family = noise_family(noise)
+    method, rule, num_nodes = check_quadrature(num_nodes, rule, family, method)
+    if method == "maximum" and not family.has_closed_form and target.numel():
+        work = mu.movedim(dim, -1).to(compute_dtype(mu.dtype)).reshape(-1, n)
+        flat = maximum_cross_entropy(
+            work, target.reshape(-1).long(), family, num_nodes, rule, reduction
+        )
+        return (flat.reshape(target.shape) if reduction == "none" else flat).to(mu.dtype)
+    log_p = _log_probs(mu, family, num_nodes, rule, method, dim, closed_form=True, checked=True)
+    loss = -log_p.gather(-1, target.long()[..., None]).squeeze(-1).to(mu.dtype)
     return reduce_loss(loss, reduction)
 
 
