@@ -352,6 +352,17 @@ def goal_lines(conv: dict, spd: dict, head: list[dict], big: dict) -> list[str]:
     return lines
 
 
+def fixed_share(head: list[dict]) -> str:
+    """How much of the 64 x 100 probit head's time the 64 x 10 one (mostly fixed cost) is."""
+    ms = {r["n"]: r["ms"]["normal"] for r in head}
+    if 10 not in ms or 100 not in ms:
+        return ""
+    return (
+        f": the 64 x 10 head, mostly that cost, takes {ms[10]:.3g} ms, "
+        f"{100 * ms[10] / ms[100]:.0f}% of the 64 x 100 one"
+    )
+
+
 def bound_lines(head: list[dict], compiled: dict[str, Any] | None = None) -> list[str]:
     missed = [
         r["n"]
@@ -364,11 +375,13 @@ def bound_lines(head: list[dict], compiled: dict[str, Any] | None = None) -> lis
         "What bounds the ratio where the goal is missed ("
         + ", ".join(f"n = {n:,}" for n in missed)
         + "): the map evaluates `log F` and `log h` at M x n points per row (one `erfc`, one "
-        "`log` and one `exp` each for normal noise) and keeps two M x n tensors for the "
-        "backward, some 28 passes over M x n elements in forward and backward together "
-        "(counted in `kexue/distributions/maximum.py`), where softmax makes a handful of "
-        "passes over n; at 64 x 100 the fixed cost of the small tensor operations that place "
-        "the nodes adds to it (the 64 x 10 row is mostly that cost). Per row the map does M "
+        "`log` and one `exp` each for normal noise, one more `exp` in the backward) and keeps "
+        "two M x n tensors for the backward: 21 passes over M x n elements in forward and "
+        "backward together (14 and 7, counted in the guide), where softmax makes a handful of "
+        "passes over n; at 64 x 100 the fixed cost of some 160 small tensor operations per "
+        "step (placing the nodes, the blocks' bookkeeping, forward and backward) adds to it"
+        + fixed_share(head)
+        + ". Per row the map does M "
         "times softmax's elements (M = 24 nodes in float32), each with three transcendental "
         "functions to softmax's one, so a ratio of a few dozen is built into the quadrature "
         "itself; fewer nodes cost accuracy (the Monte Carlo table above, n = 1,000: 24 nodes "
