@@ -17,7 +17,7 @@ from kexue.distributions import (
     perturbed_argmax_probs,
     uniform,
 )
-from kexue.distributions.maximum import maximum_window
+from kexue.distributions.maximum import maximum_nodes, maximum_window
 from kexue.distributions.noise import noise_family
 from kexue.testing.perturbed_argmax import (
     reference_prob_gradient,
@@ -160,3 +160,21 @@ def test_fifty_thousand_classes_run_in_float32() -> None:
     assert (p.sum(-1) - 1).abs().max() <= 1e-5 and (p >= 0).all()
     top = mu.detach().argmax(-1)
     assert (p.argmax(-1) == top).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("family", ["normal", "laplace"])
+@pytest.mark.parametrize("n", [1, 5, 100, 300])
+def test_nodes_placed_in_numpy_match_torch(random_mu, family: str, n: int, dtype) -> None:
+    """On CPU the window is placed in numpy (cheaper than a dozen tiny torch operations);
+    elsewhere in torch. Both give the same nodes and weights (to a rounding of the last
+    step)."""
+    mu = random_mu((7, n), 2.0, seed=n).to(dtype)
+    fam = noise_family(family)
+    rule = "split-gauss-legendre" if family == "laplace" else "trapezoid"
+    by_numpy = maximum_nodes(mu, fam, 24, rule, in_numpy=True)
+    by_torch = maximum_nodes(mu, fam, 24, rule, in_numpy=False)
+    eps = torch.finfo(dtype).eps
+    for a, b in zip(by_numpy, by_torch, strict=True):  # nodes near 0: error on the scale of y
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0.0, atol=8 * eps * float(b.abs().max()))

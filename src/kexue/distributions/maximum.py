@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -70,12 +71,28 @@ def _quantiles(family: NoiseFamily, lower: np.ndarray, upper: np.ndarray) -> tup
     return q_low, family.isf(up)
 
 
+ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
+
+
+class _ArrayOps(NamedTuple):
+    cat: Callable[..., Any]
+    amax: Callable[..., Any]
+    amin: Callable[..., Any]
+    maximum: Callable[..., Any]
+    minimum: Callable[..., Any]
+
+
+_TORCH = _ArrayOps(torch.cat, torch.amax, torch.amin, torch.maximum, torch.minimum)
+_NUMPY = _ArrayOps(np.concatenate, np.max, np.min, np.maximum, np.minimum)
+
+
 def maximum_window(
-    top: Tensor, family: NoiseFamily, n: int | None = None, bottom: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+    top: ArrayT, family: NoiseFamily, n: int | None = None, bottom: ArrayT | None = None
+) -> tuple[ArrayT, ArrayT]:
     """``(y_lo, y_hi)`` per row from the largest scores in decreasing order ``top`` ``(rows,
     k)`` of ``n`` classes (default ``k``) whose smallest score is ``bottom`` ``(rows, 1)``
-    (default ``top[..., -1:]``).
+    (default ``top[..., -1:]``); torch tensors or numpy arrays (on CPU the nodes are placed in
+    numpy: a dozen tiny torch operations cost more than the arithmetic).
 
     Lower end: ``P(y) <= Phi(y - s_k)^k`` for the ``k``-th largest score ``s_k``, so
     ``y_lo = max_k (s_k + Phi^{-1}(delta_lo^{1/k}))`` has ``P(y_lo) <= delta_lo``. Upper end:
@@ -88,51 +105,61 @@ def maximum_window(
     known = top.shape[-1]
     n = known if n is None else n
     bottom = top[..., -1:] if bottom is None else bottom
-    idx, split, q_lo, q_hi = _window_plan(family, n, known, top.dtype, top.device)
-    at_levels = torch.cat([top.index_select(-1, idx), bottom], -1)
-    y_lo = (at_levels + q_lo).amax(-1)
+    idx, split, quantiles_lo, quantiles_hi = _window_constants(family, n, known, top.dtype)
+    q_lo: Any
+    q_hi: Any
+    if isinstance(top, np.ndarray):
+        ops = _NUMPY
+        q_lo, q_hi = quantiles_lo.astype(top.dtype), quantiles_hi.astype(top.dtype)
+    else:
+        ops = _TORCH
+        q_lo, q_hi = _on_device(quantiles_lo, quantiles_hi, dtype=top.dtype, device=top.device)
+    y_lo = ops.amax(ops.cat([top[..., idx], bottom], -1) + q_lo, -1)
     first = top[..., :1]
     y_hi = first[..., 0] + q_hi[-1]  # k = n: n (1 - Phi(y - s_1)) <= delta_hi
-    if split is not None:
-        rest = top.index_select(-1, split)
-        bound = torch.maximum(first + q_hi[: len(split)], rest + q_hi[len(split) : -1])
-        y_hi = torch.minimum(y_hi, bound.amin(-1))
-    return y_lo, torch.maximum(y_hi, y_lo + 1e-3)
+    if split:
+        rest = top[..., split]
+        bound = ops.maximum(first + q_hi[: len(split)], rest + q_hi[len(split) : -1])
+        y_hi = ops.minimum(y_hi, ops.amin(bound, -1))
+    return y_lo, ops.maximum(y_hi, y_lo + 1e-3)
 
 
 @lru_cache(maxsize=256)
-def _window_plan_cached(
-    family: NoiseFamily, n: int, known: int, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+def _window_constants_cached(
+    family: NoiseFamily, n: int, known: int, dtype: torch.dtype | np.dtype
+) -> tuple[list[int], list[int], np.ndarray, np.ndarray]:
     """Indices into ``top`` of the lower end's levels and the upper end's ``s_{k+1}``, and the
-    quantiles of both ends, on ``dtype`` and ``device``: the window's constants for ``n``."""
-    log_lo, hi = _WINDOW.get(dtype, _WINDOW[torch.float32])
+    quantiles (float64) of both ends: the window's constants for ``n`` classes."""
+    wide = dtype in (torch.float64, np.dtype(np.float64))
+    log_lo, hi = _WINDOW[torch.float64 if wide else torch.float32]
     lower_ks, split_ks = _levels(n, known)
     lower = np.exp(log_lo / np.array(lower_ks, dtype=np.float64))
     split = np.array(split_ks, dtype=np.float64)
     upper = np.concatenate([hi / (2 * split), hi / (2 * (n - split)), [hi / n]])
-    q_lo, q_hi = (q.to(dtype=dtype, device=device) for q in _quantiles(family, lower, upper))
-    idx = [k - 1 for k in lower_ks if k < n and k <= known]
-    rest = torch.tensor(split_ks, dtype=torch.long, device=device) if split_ks else None
-    return torch.tensor(idx, dtype=torch.long, device=device), rest, q_lo, q_hi
+    q_lo, q_hi = (q.numpy() for q in _quantiles(family, lower, upper))
+    return [k - 1 for k in lower_ks if k < n and k <= known], split_ks, q_lo, q_hi
 
 
-def _window_plan(
-    family: NoiseFamily, n: int, known: int, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+def _window_constants(
+    family: NoiseFamily, n: int, known: int, dtype: torch.dtype | np.dtype
+) -> tuple[list[int], list[int], np.ndarray, np.ndarray]:
     try:
-        return _window_plan_cached(family, n, known, dtype, device)
+        return _window_constants_cached(family, n, known, dtype)
     except TypeError:  # an unhashable family
-        return _window_plan_cached.__wrapped__(family, n, known, dtype, device)
+        return _window_constants_cached.__wrapped__(family, n, known, dtype)
+
+
+def _on_device(*arrays: np.ndarray, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+    return [torch.from_numpy(a).to(dtype=dtype, device=device) for a in arrays]
 
 
 @lru_cache(maxsize=64)
-def _trapezoid(num_nodes: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Positions in [0, 1] and log-weights of the trapezoid rule with ``num_nodes`` nodes."""
-    t = torch.linspace(0.0, 1.0, num_nodes, dtype=torch.float64)
-    w = torch.full((num_nodes,), 1.0 / (num_nodes - 1), dtype=torch.float64)
+def _trapezoid(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in [0, 1] and log-weights (float64) of the trapezoid rule with ``num_nodes``
+    nodes."""
+    w = np.full(num_nodes, 1.0 / (num_nodes - 1))
     w[[0, -1]] /= 2.0
-    return t.to(dtype=dtype, device=device), w.log().to(dtype=dtype, device=device)
+    return np.linspace(0.0, 1.0, num_nodes), np.log(w)
 
 
 @lru_cache(maxsize=64)
@@ -153,7 +180,7 @@ def _kinks(mu: Tensor, top: Tensor, y_lo: Tensor, y_hi: Tensor, family: NoiseFam
 
 
 def maximum_nodes(
-    mu: Tensor, family: NoiseFamily, num_nodes: int, rule: str
+    mu: Tensor, family: NoiseFamily, num_nodes: int, rule: str, *, in_numpy: bool | None = None
 ) -> tuple[Tensor, Tensor]:
     """Nodes ``y`` and log-weights ``log w`` per row of scores ``mu`` ``(rows, n)``,
     ``(rows, M)``, on the window of :func:`maximum_window` (from the 65 largest scores and the
@@ -164,15 +191,32 @@ def maximum_nodes(
     vanish at both ends, so the error falls exponentially for smooth densities).
     ``"split-gauss-legendre"``: ``ceil(num_nodes / 4)`` equal cells, split further at the
     largest scores where the density has a kink (Laplace), 4 Gauss–Legendre nodes per cell.
+    ``in_numpy`` (default: on CPU in float32/64) places the window in numpy, else in torch.
     """
     n = mu.shape[-1]
-    top = largest_scores(mu, min(n, _KNOWN))
-    y_lo, y_hi = maximum_window(top, family, n, mu.amin(-1, keepdim=True))
-    width = y_hi - y_lo
+    k = min(n, _KNOWN)
     dtype, device = mu.dtype, mu.device
-    if rule == "trapezoid":
-        t, log_w = _trapezoid(num_nodes, dtype, device)
-        return torch.addcmul(y_lo[..., None], width[..., None], t), width.log()[..., None] + log_w
+    if in_numpy is None:
+        in_numpy = device.type == "cpu" and dtype in (torch.float32, torch.float64)
+    if in_numpy:
+        a = mu.detach().numpy()
+        top_np = largest_scores(a, k)
+        lo_np, hi_np = maximum_window(top_np, family, n, a.min(-1, keepdims=True))
+        if rule == "trapezoid":
+            t_np, lw_np = (c.astype(a.dtype) for c in _trapezoid(num_nodes))
+            span = (hi_np - lo_np)[..., None]
+            return torch.from_numpy(lo_np[..., None] + span * t_np), torch.from_numpy(
+                np.log(span) + lw_np
+            )
+        top, y_lo, y_hi = (torch.from_numpy(v) for v in (top_np, lo_np, hi_np))
+    else:
+        top = mu.detach().topk(k, -1).values
+        y_lo, y_hi = maximum_window(top, family, n, mu.amin(-1, keepdim=True))
+        if rule == "trapezoid":
+            t, log_w = _on_device(*_trapezoid(num_nodes), dtype=dtype, device=device)
+            width = (y_hi - y_lo)[..., None]
+            return torch.addcmul(y_lo[..., None], width, t), width.log() + log_w
+    width = y_hi - y_lo
     cells = math.ceil(num_nodes / _GL_ORDER)
     grid = torch.linspace(0.0, 1.0, cells + 1, dtype=dtype, device=device)
     edges: list[Tensor] | Tensor  # the pieces, then their sorted concatenation
@@ -181,24 +225,21 @@ def maximum_nodes(
         edges.append(_kinks(mu, top, y_lo, y_hi, family))
     edges = torch.cat(edges, -1).sort(-1).values
     lo, size = edges[..., :-1, None], (edges[..., 1:] - edges[..., :-1])[..., None]
-    t, w = (torch.from_numpy(a).to(dtype=dtype, device=device) for a in _gauss_legendre(_GL_ORDER))
+    t, w = _on_device(*_gauss_legendre(_GL_ORDER), dtype=dtype, device=device)
     y = (lo + size * t).flatten(-2)
     # empty cells: weight ~0 with no gradient (clamp_min passes none below its bound)
     log_w = (size.clamp_min(torch.finfo(dtype).tiny).log() + w.log()).flatten(-2)
     return y, log_w
 
 
-def largest_scores(mu: Tensor, k: int) -> Tensor:
-    """The ``k`` largest scores of each row of ``mu`` ``(rows, n)`` in decreasing order (values
-    only, no gradient). On CPU numpy's partial partition and a sort of the ``k`` survivors:
-    ``torch.topk`` takes about 5x longer at n = 100 to 1,000 (``torch.sort`` 30x at 1,000),
-    more than the rest of the forward pass."""
-    n = mu.shape[-1]
-    if mu.device.type != "cpu" or mu.dtype not in (torch.float32, torch.float64):
-        return mu.detach().topk(k, -1).values
-    a = mu.detach().numpy()
+def largest_scores(a: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` largest scores of each row of ``a`` ``(rows, n)`` in decreasing order, by
+    numpy's partial partition and a sort of the ``k`` survivors: ``torch.topk`` takes about 5x
+    longer on CPUs at n = 100 to 1,000 (``torch.sort`` 30x at 1,000), more than the rest of
+    the forward pass."""
+    n = a.shape[-1]
     top = np.partition(a, n - k, axis=-1)[..., n - k :] if k < n else a
-    return torch.from_numpy(np.sort(top, axis=-1)[..., ::-1].copy())
+    return np.sort(top, axis=-1)[..., ::-1].copy()
 
 
 _workspace = threading.local()
@@ -284,24 +325,23 @@ def _log_mass_forward(
     u_buf = mu.new_empty(rows if keep else step, m, n)  # u_ki
     scratch = _scratch(mu, (step, m, n))
     inv_total = mu.new_empty(rows, 1, n)
-    # the smallest y_k - mu_i of each row, from M + n numbers instead of M n
-    x_low = y.amin(-1) - mu.amax(-1)
+    # a lower bound on y_k - mu_i, from M + n numbers instead of M n
+    x_min = float(y.amin()) - float(mu.amax())
     shift = 0.0
     for r0 in range(0, rows, step):
         r = slice(r0, min(rows, r0 + step))
         b = r.stop - r.start
         x = torch.sub(y[r, :, None], mu[r, None, :], out=u_buf[r] if keep else u_buf[:b])
-        log_cdf, u, shift = family.kernel_maximum_terms_(x, scratch[:b], float(x_low[r].amin()))
+        log_cdf, u, shift = family.kernel_maximum_terms_(x, scratch[:b], x_min)
         if u.data_ptr() != x.data_ptr():
             u = x.copy_(u)
         # log(w_k P(y_k) h(y_k - mu_i)) = (log w_k + log P(y_k) + c) - u_ki
-        log_pw = log_cdf.sum(-1, keepdim=True).add_(log_w[r, :, None] + shift)
+        log_pw = log_cdf.sum(-1, keepdim=True).add_(log_w[r, :, None]).add_(shift)
         g = torch.sub(log_pw, u, out=terms[r] if keep else terms[:b])
-        top = g.amax(1, keepdim=True)
-        top.masked_fill_(~torch.isfinite(top), 0.0)
+        top = g.amax(1, keepdim=True).nan_to_num_(neginf=0.0)  # -inf: a class without mass
         total = exp_flush_(g.sub_(top)).sum(1, keepdim=True)
-        out[r] = (total.log() + top).squeeze(1)
-        inv_total[r] = total.where(total > 0, 1.0).reciprocal_().where(total > 0, 0.0)
+        torch.add(total.log(), top, out=out[r, None, :])
+        torch.reciprocal(total, out=inv_total[r]).nan_to_num_(posinf=0.0)  # 1 / 0 -> 0
     tensors = (mu, y, terms, u_buf, inv_total) if keep else ()
     return out, _Saved(tensors, shift, family)
 
@@ -316,27 +356,30 @@ def _log_mass_backward(saved: _Saved, grad: Tensor) -> Tensor:
     h_buf = _scratch(terms, (step, m, n))
     scale = math.exp(saved.shift)  # h = e^c exp(-u)
     weighted = grad[:, None, :] * inv_total  # G_i / sum_k e_ki, (B, 1, n)
+    inv_scaled = inv_total * scale
     mass = (inv_total > 0).to(mu.dtype)  # sum_k pi_kl: 1, or 0 where the class has no mass
     slope = family.log_density_slope
     for r0 in range(0, rows, step):
         r = slice(r0, min(rows, r0 + step))
         b = r.stop - r.start
-        e, gw, inv = terms[r], weighted[r], inv_total[r]
-        # C_k e^c as (1, n) @ (n, M): about 4x faster than (M, n) @ (n, 1) on CPUs
-        big_c = torch.bmm(gw, e.transpose(1, 2)).mul_(scale)
+        e, g_row = terms[r], g_mu[r, None, :]
+        # C_k as (1, n) @ (n, M): about 4x faster than (M, n) @ (n, 1) on CPUs
+        big_c = torch.bmm(weighted[r], e.transpose(1, 2)).mul_(scale)
         h = torch.neg(u_buf[r], out=h_buf[:b]).exp_()  # h / e^c
-        g_mu[r, None, :] = torch.bmm(big_c, h).neg_()  # -sum_k C_k h_kl
-        pi_h = h.mul_(e).sum(1, keepdim=True).mul_(inv * scale)  # sum_k pi_kl h_kl
+        torch.bmm(big_c, h, out=g_row)  # sum_k C_k h_kl
+        pi_h = h.mul_(e).sum(1, keepdim=True).mul_(inv_scaled[r])  # sum_k pi_kl h_kl
         if slope is not None:
             a, b_h, c = slope  # sum_k pi_kl (a x_kl + b h_kl + c) - sum_k pi_kl h_kl
-            pi_y = torch.bmm(y[r, None, :], e).mul_(inv)  # sum_k pi_kl y_k
-            pi_d = (pi_y - mu[r, None, :] * mass[r]).mul_(a)
-            pi_d.add_(pi_h, alpha=b_h - 1.0).add_(mass[r], alpha=c)
+            pi_x = torch.bmm(y[r, None, :], e).mul_(inv_total[r])  # sum_k pi_kl y_k ...
+            pi_d = pi_x.addcmul_(mu[r, None, :], mass[r], value=-1.0).mul_(a)  # ... - mu_l
+            pi_d.add_(pi_h, alpha=b_h - 1.0)
+            if c:
+                pi_d.add_(mass[r], alpha=c)
         else:
             x = torch.sub(y[r, :, None], mu[r, None, :], out=h_buf[:b])
             pi_d = family.kernel_dlog_density_(x).mul_(e).sum(1, keepdim=True)
-            pi_d = pi_d.mul_(inv).sub_(pi_h)
-        g_mu[r, None, :] -= pi_d.mul_(grad[r, None, :])
+            pi_d = pi_d.mul_(inv_total[r]).sub_(pi_h)
+        g_row.addcmul_(pi_d, grad[r, None, :]).neg_()
     # The exact map is unchanged by mu + c, so its exact gradient sums to 0 over the
     # classes; projecting onto that subspace can only bring the quadrature's closer to it.
     return g_mu.sub_(g_mu.mean(-1, keepdim=True))
