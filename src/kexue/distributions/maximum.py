@@ -326,7 +326,7 @@ def _log_mass_forward(
     scratch = _scratch(mu, (step, m, n))
     inv_total = mu.new_empty(rows, 1, n)
     # a lower bound on y_k - mu_i, from M + n numbers instead of M n
-    x_min = float(y.amin()) - float(mu.amax())
+    x_min = float(y.amin()) - float(mu.amax()) if rows else 0.0
     shift = 0.0
     for r0 in range(0, rows, step):
         r = slice(r0, min(rows, r0 + step))
