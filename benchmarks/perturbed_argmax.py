@@ -378,7 +378,7 @@ def bound_lines(head: list[dict], compiled: dict[str, Any] | None = None) -> lis
         "`log` and one `exp` each for normal noise, one more `exp` in the backward) and keeps "
         "two M x n tensors for the backward: 21 passes over M x n elements in forward and "
         "backward together (14 and 7, counted in the guide), where softmax makes a handful of "
-        "passes over n; at 64 x 100 the fixed cost of some 160 small tensor operations per "
+        "passes over n; at 64 x 100 the fixed cost of some 120 small tensor operations per "
         "step (placing the nodes, the blocks' bookkeeping, forward and backward) adds to it"
         + fixed_share(head)
         + ". Per row the map does M "
