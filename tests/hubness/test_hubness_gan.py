@@ -25,12 +25,6 @@ def _digits(n: int = 40, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 open: the shipped generator (refined layout, deep critic, 7,000 steps, "
-    "48 minutes of one CPU thread) reaches a mean confidence of 0.87-0.88, not 0.9 (its labels "
-    "are balanced; Fréchet distance 20); the bar stays",
-)
 def test_shipped_generator_draws_recognisable_balanced_digits():
     from kexue.diffusion import DigitEvaluator
 

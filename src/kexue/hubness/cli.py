@@ -127,7 +127,7 @@ def latents(
 @app.command("train-gan")
 def train_gan_command(
     out: Annotated[Path, typer.Argument(help="Run folder (checkpoints, final generator).")],
-    steps: Annotated[int, typer.Option(min=1, help="Training steps (batches of 64).")] = 7_000,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps (batches of 64).")] = 16_000,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the weights and every draw.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue OUT from its latest checkpoint.")] = False,
     d_channels: Annotated[

@@ -202,7 +202,7 @@ class DigitDiscriminator(nn.Module):
 class GANTrainConfig:
     """Everything that defines a GAN training run (saved with every checkpoint)."""
 
-    steps: int = 7_000  # one step: a critic update, then a generator update
+    steps: int = 16_000  # one step: a critic update, then a generator update
     batch_size: int = 64  # real digits per critic step (and latents per update)
     latent_dim: int = 128  # z ~ N(0, I) in R^latent_dim
     g_channels: int = 128  # generator channels at 7 x 7
