@@ -71,6 +71,7 @@ class NoiseFamily:
     # (a, b, c) with (log phi)'(x) = a x + b h(x) + c, where the family has that form: the
     # backward of the form over the maximum then needs no pass of its own for (log phi)'.
     log_density_slope: tuple[float, float, float] | None = None
+    has_closed_form: bool = False  # closed_form_log_probs returns a value
 
     def cdf(self, x: Tensor) -> Tensor:
         """``Phi(x)``, elementwise, for a floating tensor ``x``."""
@@ -161,8 +162,6 @@ class NoiseFamily:
             (slope,) = torch.autograd.grad(density.sum(), leaf)
         out = slope.div_(density.detach())
         return torch.where(torch.isfinite(out), out, 0.0)
-
-    has_closed_form: bool = False  # closed_form_log_probs returns a value
 
     def closed_form_log_probs(self, mu: Tensor) -> Tensor | None:
         """``log p`` over the last dim in closed form, or ``None`` when there is none."""
