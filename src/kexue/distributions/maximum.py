@@ -105,7 +105,8 @@ def maximum_window(
     known = top.shape[-1]
     n = known if n is None else n
     bottom = top[..., -1:] if bottom is None else bottom
-    idx, split, quantiles_lo, quantiles_hi = _window_constants(family, n, known, top.dtype)
+    wide = top.dtype in (torch.float64, np.float64)
+    idx, split, quantiles_lo, quantiles_hi = _cached(_window_constants, family, n, known, wide)
     q_lo: Any
     q_hi: Any
     if isinstance(top, np.ndarray):
@@ -113,7 +114,7 @@ def maximum_window(
         q_lo, q_hi = quantiles_lo.astype(top.dtype), quantiles_hi.astype(top.dtype)
     else:
         ops = _TORCH
-        q_lo, q_hi = _on_device(quantiles_lo, quantiles_hi, dtype=top.dtype, device=top.device)
+        q_lo, q_hi = _cached(_window_quantiles_on, family, n, known, top.dtype, top.device)
     y_lo = ops.amax(ops.cat([top[..., idx], bottom], -1) + q_lo, -1)
     first = top[..., :1]
     y_hi = first[..., 0] + q_hi[-1]  # k = n: n (1 - Phi(y - s_1)) <= delta_hi
@@ -124,13 +125,22 @@ def maximum_window(
     return y_lo, ops.maximum(y_hi, y_lo + 1e-3)
 
 
+def _cached(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` through its ``lru_cache``, or computed afresh for an unhashable family (a
+    subclass that defines ``__eq__`` alone)."""
+    try:
+        return fn(*args)
+    except TypeError:
+        return fn.__wrapped__(*args)
+
+
 @lru_cache(maxsize=256)
-def _window_constants_cached(
-    family: NoiseFamily, n: int, known: int, dtype: torch.dtype | np.dtype
+def _window_constants(
+    family: NoiseFamily, n: int, known: int, wide: bool
 ) -> tuple[list[int], list[int], np.ndarray, np.ndarray]:
     """Indices into ``top`` of the lower end's levels and the upper end's ``s_{k+1}``, and the
-    quantiles (float64) of both ends: the window's constants for ``n`` classes."""
-    wide = dtype in (torch.float64, np.dtype(np.float64))
+    quantiles (float64) of both ends: the window's constants for ``n`` classes (``wide``:
+    float64 scores)."""
     log_lo, hi = _WINDOW[torch.float64 if wide else torch.float32]
     lower_ks, split_ks = _levels(n, known)
     lower = np.exp(log_lo / np.array(lower_ks, dtype=np.float64))
@@ -140,17 +150,13 @@ def _window_constants_cached(
     return [k - 1 for k in lower_ks if k < n and k <= known], split_ks, q_lo, q_hi
 
 
-def _window_constants(
-    family: NoiseFamily, n: int, known: int, dtype: torch.dtype | np.dtype
-) -> tuple[list[int], list[int], np.ndarray, np.ndarray]:
-    try:
-        return _window_constants_cached(family, n, known, dtype)
-    except TypeError:  # an unhashable family
-        return _window_constants_cached.__wrapped__(family, n, known, dtype)
-
-
-def _on_device(*arrays: np.ndarray, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
-    return [torch.from_numpy(a).to(dtype=dtype, device=device) for a in arrays]
+@lru_cache(maxsize=256)
+def _window_quantiles_on(
+    family: NoiseFamily, n: int, known: int, dtype: torch.dtype, device: torch.device
+) -> list[Tensor]:
+    """The window's quantiles as tensors, made once per ``dtype`` and ``device``."""
+    quantiles = _window_constants(family, n, known, dtype == torch.float64)[2:]
+    return [torch.from_numpy(q).to(dtype=dtype, device=device) for q in quantiles]
 
 
 @lru_cache(maxsize=64)
@@ -166,6 +172,18 @@ def _trapezoid(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
 def _gauss_legendre(order: int) -> tuple[np.ndarray, np.ndarray]:
     x, w = np.polynomial.legendre.leggauss(order)
     return (1.0 + x) / 2.0, w / 2.0
+
+
+@lru_cache(maxsize=64)
+def _rule_on(
+    rule: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[Tensor]:
+    """Positions and weights of ``rule(size)`` as tensors, made once per ``dtype`` and
+    ``device``."""
+    return [torch.from_numpy(a).to(dtype=dtype, device=device) for a in rule(size)]
 
 
 def _kinks(mu: Tensor, top: Tensor, y_lo: Tensor, y_hi: Tensor, family: NoiseFamily) -> Tensor:
@@ -213,7 +231,7 @@ def maximum_nodes(
         top = mu.detach().topk(k, -1).values
         y_lo, y_hi = maximum_window(top, family, n, mu.amin(-1, keepdim=True))
         if rule == "trapezoid":
-            t, log_w = _on_device(*_trapezoid(num_nodes), dtype=dtype, device=device)
+            t, log_w = _rule_on(_trapezoid, num_nodes, dtype, device)
             width = (y_hi - y_lo)[..., None]
             return torch.addcmul(y_lo[..., None], width, t), width.log() + log_w
     width = y_hi - y_lo
@@ -225,7 +243,7 @@ def maximum_nodes(
         edges.append(_kinks(mu, top, y_lo, y_hi, family))
     edges = torch.cat(edges, -1).sort(-1).values
     lo, size = edges[..., :-1, None], (edges[..., 1:] - edges[..., :-1])[..., None]
-    t, w = _on_device(*_gauss_legendre(_GL_ORDER), dtype=dtype, device=device)
+    t, w = _rule_on(_gauss_legendre, _GL_ORDER, dtype, device)
     y = (lo + size * t).flatten(-2)
     # empty cells: weight ~0 with no gradient (clamp_min passes none below its bound)
     log_w = (size.clamp_min(torch.finfo(dtype).tiny).log() + w.log()).flatten(-2)

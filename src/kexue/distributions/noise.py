@@ -71,7 +71,6 @@ class NoiseFamily:
     # (a, b, c) with (log phi)'(x) = a x + b h(x) + c, where the family has that form: the
     # backward of the form over the maximum then needs no pass of its own for (log phi)'.
     log_density_slope: tuple[float, float, float] | None = None
-    has_closed_form: bool = False  # closed_form_log_probs returns a value
 
     def cdf(self, x: Tensor) -> Tensor:
         """``Phi(x)``, elementwise, for a floating tensor ``x``."""
@@ -192,7 +191,6 @@ class GumbelNoise(NoiseFamily):
     """Standard Gumbel: ``Phi(x) = exp(-exp(-x))``; the map is softmax (Gumbel-max trick)."""
 
     name = "gumbel"
-    has_closed_form = True
     log_density_slope = (0.0, 1.0, -1.0)  # (log phi)' = e^{-x} - 1 = h - 1
     grid_nodes = (16, 16)  # the form over the maximum gives softmax exactly at any nodes
 

@@ -252,13 +252,17 @@ def perturbed_argmax_cross_entropy(
             raise ValueError(f"target must hold class indices in [0, {n})")
     family = noise_family(noise)
     method, rule, num_nodes = check_quadrature(num_nodes, rule, family, method)
-    if method == "maximum" and not family.has_closed_form and target.numel():
-        work = mu.movedim(dim, -1).to(compute_dtype(mu.dtype)).reshape(-1, n)
+    work = mu.movedim(dim, -1).to(compute_dtype(mu.dtype))
+    log_p = family.closed_form_log_probs(work)
+    if log_p is None and method == "maximum" and target.numel():
         flat = maximum_cross_entropy(
-            work, target.reshape(-1).long(), family, num_nodes, rule, reduction
+            work.reshape(-1, n), target.reshape(-1).long(), family, num_nodes, rule, reduction
         )
         return (flat.reshape(target.shape) if reduction == "none" else flat).to(mu.dtype)
-    log_p = _log_probs(mu, family, num_nodes, rule, method, dim, closed_form=True, checked=True)
+    if log_p is None:
+        log_p = _log_probs(
+            mu, family, num_nodes, rule, method, dim, closed_form=False, checked=True
+        )
     loss = -log_p.gather(-1, target.long()[..., None]).squeeze(-1).to(mu.dtype)
     return reduce_loss(loss, reduction)
 
