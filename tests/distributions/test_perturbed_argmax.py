@@ -14,10 +14,12 @@ from hypothesis import strategies as st
 from scipy import special
 from torch.autograd import gradcheck
 
+import kexue.distributions.maximum as mx
 import kexue.distributions.pairwise as pa
 from kexue.distributions import (
     NOISE_NAMES,
     PerturbedArgmaxCrossEntropy,
+    custom_noise,
     laplace,
     noise_family,
     perturbed_argmax_cross_entropy,
@@ -325,28 +327,90 @@ def test_cross_entropy_normal_matches_reference(random_mu) -> None:
     assert gradcheck(lambda m: perturbed_argmax_cross_entropy(m, target, num_nodes=64), (leaf,))
 
 
+def _erf_normal():
+    """Normal noise known only by its CDF and quantile: the generic kernels (autograd for the
+    density and its slope)."""
+    return custom_noise(
+        lambda x: 0.5 * torch.erfc(-x / math.sqrt(2.0)),
+        lambda u: math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0),
+        name="erf-normal",
+    )
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("family", ["normal", "laplace"])
+@pytest.mark.parametrize("family", ["normal", "logistic", "laplace", "custom"])
 def test_cross_entropy_is_the_picked_log_probability(random_mu, family: str, reduction) -> None:
-    """The loss (one autograd node for the form over the maximum) against ``-log p_target``
-    from :func:`perturbed_argmax_log_probs`, value and gradient, with leading dimensions and
-    the classes along ``dim=1``."""
+    """The loss (one autograd node, in linear space: see ``_MaximumCrossEntropy``) against
+    ``-log p_target`` from :func:`perturbed_argmax_log_probs` (log space), value and gradient,
+    with leading dimensions and the classes along ``dim=1``; normal and logistic take the
+    backward's affine-slope branch, Laplace and the custom family the generic one."""
     mu = random_mu((2, 9, 3), 1.5, seed=16)
-    target = torch.tensor([[0, 8, 4], [3, 3, 7]])
+    mu[1, 5, 2] = -30.0  # a class whose h underflows in linear space
+    target = torch.tensor([[0, 8, 4], [3, 3, 5]])
     weight = random_mu((2, 3), 1.0, seed=17)
+    noise = _erf_normal() if family == "custom" else family
+    method = "maximum"
 
     def picked(m: torch.Tensor) -> torch.Tensor:
-        log_p = perturbed_argmax_log_probs(m, family, dim=1)
+        log_p = perturbed_argmax_log_probs(m, noise, dim=1, method=method)
         loss = -log_p.gather(1, target[:, None, :]).squeeze(1)
         return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
 
     leaves = [mu.clone().requires_grad_() for _ in range(2)]
-    ours = perturbed_argmax_cross_entropy(leaves[0], target, family, dim=1, reduction=reduction)
+    ours = perturbed_argmax_cross_entropy(
+        leaves[0], target, noise, dim=1, reduction=reduction, method=method
+    )
     ref = picked(leaves[1])
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     (ours * (weight if reduction == "none" else 1.0)).sum().backward()
     (ref * (weight if reduction == "none" else 1.0)).sum().backward()
     torch.testing.assert_close(leaves[0].grad, leaves[1].grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["normal", "logistic"])
+def test_cross_entropy_in_float32_matches_float64_for_far_and_wide_scores(family: str) -> None:
+    """Linear space in float32: scores spread over 20 units (the lower classes' h underflows)
+    and a target far below the top still give the float64 loss and gradient to float32
+    precision; the far target's loss is large but finite. (Far below the window the map holds
+    only its absolute error, ``delta``, so much wider spreads lose the far targets' loss in
+    either precision.)"""
+    gen = torch.Generator().manual_seed(5)
+    mu = torch.randn(6, 40, generator=gen, dtype=F64) * 4.0
+    target = torch.tensor([0, 1, 2, 3, 4, 5])
+    target[0] = int(mu[0].argmin())  # the worst class: ~18 below the top
+    leaves = [mu.clone().float().requires_grad_(), mu.clone().requires_grad_()]
+    losses = [perturbed_argmax_cross_entropy(m, target, family, reduction="none") for m in leaves]
+    assert torch.isfinite(losses[0]).all() and losses[0][0] > {"normal": 50, "logistic": 10}[family]
+    torch.testing.assert_close(losses[0].double(), losses[1].detach(), rtol=2e-5, atol=2e-5)
+    for loss in losses:
+        loss.sum().backward()
+    # float32's own error, as the log-space map (perturbed_argmax_log_probs) makes it
+    log_space = mu.clone().float().requires_grad_()
+    log_p = perturbed_argmax_log_probs(log_space, family)
+    (-log_p.gather(-1, target[:, None])).sum().backward()
+    exact = leaves[1].grad
+    error = (leaves[0].grad.double() - exact).abs().max()
+    assert error <= 5e-5 * exact.abs().max()
+    assert error <= 1.5 * (log_space.grad.double() - exact).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("family", ["normal", "laplace"])
+def test_cross_entropy_in_row_blocks_is_the_one_block_result(random_mu, monkeypatch, family):
+    """A block budget of 2 rows' terms splits the linear-space loss into blocks of rows
+    (the path of large n); value and gradient equal the one-block result."""
+    mu = random_mu((7, 30), 2.0, seed=18)
+    target = torch.tensor([0, 5, 29, 3, 3, 17, 8])
+    results = []
+    for budget in (None, 2 * 48 * 30):
+        if budget is not None:
+            monkeypatch.setattr(mx, "BLOCK_ELEMENTS", budget)
+        leaf = mu.clone().requires_grad_()
+        loss = perturbed_argmax_cross_entropy(leaf, target, family, num_nodes=48, reduction="none")
+        (loss * torch.arange(1.0, 8.0, dtype=F64)).sum().backward()
+        results.append((loss.detach(), leaf.grad))
+    assert mx._block_rows(7, 48 + (48 if family == "laplace" else 0), 30, mu.device) <= 2
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-13)
 
 
 def test_cross_entropy_module_dim_and_far_targets() -> None:

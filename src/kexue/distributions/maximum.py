@@ -403,22 +403,46 @@ def _log_mass_backward(saved: _Saved, grad: Tensor) -> Tensor:
     return g_mu.sub_(g_mu.mean(-1, keepdim=True))
 
 
+# Arguments of exp() at or below -limit give subnormal results or take a slow path on CPUs.
+_EXP_ARGUMENT_LIMIT = {torch.float32: 87.0, torch.float64: 708.0}
+
+
+class _CrossEntropySaved(NamedTuple):
+    tensors: tuple[Tensor, ...]  # mu, y, target, h', W' / S', p, pi_t, x_t, log h_t
+    shift: float  # c of log h = c - u
+    family: NoiseFamily
+
+
 class _MaximumCrossEntropy(torch.autograd.Function):
     """``-log p_target`` per row of scores ``(B, n)``, reduced, as one autograd node: the
-    centring, the nodes, ``log m``, its normalisation and the pick of the target. With the
-    incoming gradient ``g_r`` of row ``r``'s loss, the gradient in ``log m`` is
-    ``g_r (p - onehot(target))``, passed to the backward of :class:`_MaximumLogMass`."""
+    centring, the nodes, the masses and the pick of the target.
+
+    The bulk is in linear space (``docs/guides/distributions.md``, "The cross-entropy in
+    linear space"): with ``W_k = w_k P(y_k)`` and ``h_kl = h(y_k - mu_l)``, the masses are
+    ``m_l = sum_k W_k h_kl``, one ``(1, M) @ (M, n)`` product per row, and ``S = sum_l m_l``
+    normalises them. The loss is ``log S - log m_t``, with ``log m_t`` (and the target's node
+    posteriors ``pi_kt``) taken in log space on the ``M`` nodes alone, so a target far below
+    the others keeps an exact, finite loss where its ``h`` underflows. With
+    ``(log h)'(x) = d(x) - h(x)``, ``d = (log phi)'``, the gradient is
+
+        dL/dmu_j = sum_k (pi_kt - W_k H_k / S) h_kj - sum_k W_k h_kj (d_kj - h_kj) / S
+                   + [j = t] sum_k pi_kt (d_kt - h_kt),    H_k = sum_l h_kl,
+
+    and where ``d = a x + b h + c`` (``family.log_density_slope``) the middle sum is
+    ``(sum_k W_k (a y_k + c) h_kj - a mu_j m_j + (b - 1) sum_k W_k h_kj^2) / S``: two
+    ``(1, M) @ (M, n)`` products and one pass for ``h^2``, against seven passes in log space.
+    """
 
     @staticmethod
     def forward(ctx, scores, target, family, num_nodes, rule, reduction):
         centred = scores - scores.amax(-1, keepdim=True)  # only differences matter
         y, log_w = maximum_nodes(centred, family, num_nodes, rule)
-        log_m, saved = _log_mass_forward(centred, y, log_w, family, ctx.needs_input_grad[0])
-        log_p = torch.log_softmax(log_m, -1)
-        loss = log_p.gather(-1, target[:, None]).squeeze(-1).neg_()
+        loss, saved = _cross_entropy_forward(
+            centred, target, y, log_w, family, ctx.needs_input_grad[0]
+        )
         ctx.family, ctx.shift, ctx.reduction = family, saved.shift, reduction
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(log_p, target, *saved.tensors)
+            ctx.save_for_backward(*saved.tensors)
         if reduction == "mean":
             return loss.mean()
         return loss.sum() if reduction == "sum" else loss
@@ -426,19 +450,113 @@ class _MaximumCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        log_p, target, *tensors = ctx.saved_tensors
-        rows = log_p.shape[0]
+        saved = _CrossEntropySaved(ctx.saved_tensors, ctx.shift, ctx.family)
+        rows = saved.tensors[0].shape[0]
         if ctx.reduction == "mean":
             grad = grad.expand(rows) / rows
         elif ctx.reduction == "sum":
             grad = grad.expand(rows)
-        g_log_m = (
-            log_p.exp()
-            .scatter_add_(-1, target[:, None], torch.full_like(log_p[:, :1], -1.0))
-            .mul_(grad[:, None])
+        return _cross_entropy_backward(saved, grad), None, None, None, None, None
+
+
+def _cross_entropy_forward(
+    mu: Tensor, target: Tensor, y: Tensor, log_w: Tensor, family: NoiseFamily, keep: bool
+) -> tuple[Tensor, _CrossEntropySaved]:
+    """``log S - log m_t`` per row ``(B,)`` and, if ``keep``, what the backward needs
+    (:class:`_MaximumCrossEntropy`)."""
+    rows, n = mu.shape
+    m = y.shape[-1]
+    step = _block_rows(rows, m, n, mu.device)
+    h_all = mu.new_empty(rows if keep else step, m, n)  # h_kl / e^c
+    scratch = _scratch(mu, (step, m, n))
+    index = target[:, None, None].expand(rows, m, 1)
+    x_min = float(y.amin()) - float(mu.amax()) if rows else 0.0
+    # exp() stays a normal float (fast); h below e^-limit adds nothing a float can hold to m
+    limit = _EXP_ARGUMENT_LIMIT[mu.dtype]
+    shift = 0.0
+    parts = []
+    for r0 in range(0, rows, step):
+        r = slice(r0, min(rows, r0 + step))
+        b = r.stop - r.start
+        # one block (the common case): whole tensors, no slicing (each slice is an operation)
+        y_r, mu_r, w_r, i_r = (
+            (y, mu, log_w, index) if b == rows else (y[r], mu[r], log_w[r], index[r])
         )
-        g = _log_mass_backward(_Saved(tuple(tensors), ctx.shift, ctx.family), g_log_m)
-        return g, None, None, None, None, None
+        out = h_all if b == len(h_all) else h_all[r] if keep else h_all[:b]
+        x = torch.sub(y_r[:, :, None], mu_r[:, None, :], out=out)
+        log_cdf, u, shift = family.kernel_maximum_terms_(
+            x, scratch if b == step else scratch[:b], x_min
+        )
+        if u.data_ptr() != x.data_ptr():
+            u = x.copy_(u)
+        log_p_r = log_cdf.sum(-1)  # log P(y_k)
+        u_t = u.gather(2, i_r)  # u at the target, before the clamp
+        h = u.clamp_max_(limit).neg_().exp_()
+        log_pw = log_p_r + w_r
+        top = log_pw.amax(-1, keepdim=True)
+        weight = log_pw.sub_(top).exp_()  # W_k, scaled per row
+        # m_l and H_k (scaled like W and h)
+        parts.append((log_p_r, u_t, top, weight, torch.bmm(weight[:, None, :], h), h.sum(-1)))
+    log_p, u_t, top, weight, mass, h_sum = (
+        parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts, strict=True)]
+    )
+    # the target's log mass in log space on the M nodes (from u before the clamp): exact
+    # where its h underflows
+    log_h_t = u_t.squeeze_(-1).neg_().add_(shift)
+    a_t = log_h_t + log_p + log_w
+    top_t = a_t.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # -inf: no mass at all
+    posterior = a_t.sub_(top_t).exp_()
+    mass_t = posterior.sum(-1, keepdim=True)
+    total = mass.sum(-1)  # S, scaled by e^-(top + c) per row
+    loss = (total / mass_t).log_().add_(top - top_t).add_(shift).squeeze(-1)
+    tensors: tuple[Tensor, ...] = ()
+    if keep:
+        inv = total.reciprocal()
+        posterior.mul_(mass_t.reciprocal_().nan_to_num_(posinf=0.0))  # pi_kt
+        x_t = y - mu.gather(-1, target[:, None])
+        tensors = (mu, y, target, h_all, weight.mul_(inv), mass.squeeze(1).mul_(inv),
+                   posterior, x_t, log_h_t, h_sum)  # fmt: skip
+    return loss, _CrossEntropySaved(tensors, shift, family)
+
+
+def _cross_entropy_backward(saved: _CrossEntropySaved, grad: Tensor) -> Tensor:
+    """The gradient in the scores from the gradient ``grad`` ``(B,)`` in the rows' losses."""
+    mu, y, target, h_all, w_s, prob, pi_t, x_t, log_h_t, h_sum = saved.tensors
+    family = saved.family
+    rows, m, n = h_all.shape
+    scale = math.exp(saved.shift)  # h = e^c h'
+    h_t = log_h_t.exp()
+    slope = family.log_density_slope
+    if slope is not None:
+        a, b_h, c = slope
+        d_t = (x_t * a).add_(h_t, alpha=b_h - 1.0).add_(c)  # d - h at the target's nodes
+        # sum_k (pi_kt e^c - W_k (e^c H_k + a y_k + c) / S) h'_kj
+        first = pi_t * scale - w_s * (h_sum * scale + a * y + c)
+        square = w_s * (scale * (1.0 - b_h))  # coefficient of h'^2: -(b - 1) e^c W_k / S
+    else:
+        d_t = family.kernel_dlog_density_(x_t.clone()).sub_(h_t)
+        first = pi_t * scale - w_s * (h_sum * scale)
+        square = w_s * scale
+    g_mu = torch.bmm(first[:, None, :], h_all).squeeze(1)
+    step = _block_rows(rows, m, n, mu.device)
+    h2 = _scratch(h_all, (step, m, n))
+    for r0 in range(0, rows, step):
+        r = slice(r0, min(rows, r0 + step))
+        b = r.stop - r.start
+        h = h_all[r]
+        if slope is None:  # - sum_k W_k h_kj d_kj / S
+            d = torch.sub(y[r, :, None], mu[r, None, :], out=h2[:b])
+            d = family.kernel_dlog_density_(d).mul_(h)
+            g_mu[r, None, :].baddbmm_(w_s[r, None, :], d, alpha=-1.0)
+        if slope is None or b_h != 1.0:
+            g_mu[r, None, :].baddbmm_(square[r, None, :], torch.mul(h, h, out=h2[:b]))
+    if slope is not None and a:
+        g_mu.addcmul_(mu, prob, value=a)
+    g_mu.scatter_add_(-1, target[:, None], (pi_t * d_t).sum(-1, keepdim=True))
+    g_mu.mul_(grad[:, None])
+    # The exact loss is unchanged by mu + c, so its exact gradient sums to 0 over the
+    # classes; projecting onto that subspace can only bring the quadrature's closer to it.
+    return g_mu.sub_(g_mu.mean(-1, keepdim=True))
 
 
 def maximum_cross_entropy(

@@ -252,12 +252,17 @@ def perturbed_argmax_cross_entropy(
             raise ValueError(f"target must hold class indices in [0, {n})")
     family = noise_family(noise)
     method, rule, num_nodes = check_quadrature(num_nodes, rule, family, method)
-    work = mu.movedim(dim, -1).to(compute_dtype(mu.dtype))
+    # no view or copy where none is needed: each is an autograd node, a cost per call
+    work = mu if dim in (-1, mu.ndim - 1) else mu.movedim(dim, -1)
+    work = work.to(compute_dtype(mu.dtype))
     log_p = family.closed_form_log_probs(work)
     if log_p is None and method == "maximum" and target.numel():
+        rows_t = target if target.ndim == 1 else target.reshape(-1)
         flat = maximum_cross_entropy(
-            work.reshape(-1, n), target.reshape(-1).long(), family, num_nodes, rule, reduction
-        )
+            work if work.ndim == 2 else work.reshape(-1, n),
+            rows_t if rows_t.dtype == torch.long else rows_t.long(),
+            family, num_nodes, rule, reduction,
+        )  # fmt: skip
         return (flat.reshape(target.shape) if reduction == "none" else flat).to(mu.dtype)
     if log_p is None:
         log_p = _log_probs(
