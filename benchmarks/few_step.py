@@ -46,11 +46,13 @@ from _common import (
 from kexue.diffusion import DigitEvaluator, load_images, sample
 from kexue.diffusion.solver_statistics import SolverStatistics
 from kexue.experiments.diffusion import (
+    ANALYTIC_FEW_STEP,
     DETERMINISTIC,
     IMAGE_SHAPE,
     KEXUE_FEW_STEP,
     PEER_FEW_STEP,
     few_step_images,
+    few_step_moments,
     frechet_bootstrap_se,
     peer_scheduler,
     quality_row,
@@ -67,12 +69,16 @@ PLANS: dict[str, dict[str, Any]] = {
     "timing": {"timing_n": 100, "repeats": 3},
     "k50": {"n": 500, "Ks": (50,), "boot": 100, "extends": "cpu"},
     "smoke-extend": {"n": 8, "Ks": (4,), "boot": 3, "extends": "smoke"},
+    # the Analytic rows added to a stored `large` run (same noise and sample count)
+    "analytic": {"n": 1000, "rows": ANALYTIC_FEW_STEP, "boot": 200, "extends": "large"},
+    "smoke-rows": {"n": 8, "rows": ANALYTIC_FEW_STEP[:1], "boot": 3, "extends": "smoke"},
     "large": {"n": 1000, "Ks": (5, 10, 20, 50), "conv_n": 64, "conv_Ks": (5, 10, 20, 50),
               "ref_steps": 1000, "boot": 200, "real_n": 1000},
 }  # fmt: skip
 ROWS = (*KEXUE_FEW_STEP, *PEER_FEW_STEP)
 TIMED = ("DDIM trailing", "DPM-Solver-v3", "UniPC", "DPM-Solver++ 2M", "DPM-Solver++ 3M")
 SEED = 0
+MOMENT_IMAGES = 256  # digits behind the Analytic rows' moments (at the rows' steps only)
 
 
 def measure_timing(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -109,26 +115,38 @@ class Setup(NamedTuple):
     data: Any
     evaluator: DigitEvaluator
     x_T: torch.Tensor  # the same initial noise for every row
+    moments: Any  # for the Analytic rows (None when none is measured)
+    moment_info: dict[str, Any]
 
 
-def setup(cfg: dict[str, Any], args: argparse.Namespace) -> Setup:
+def setup(cfg: dict[str, Any], args: argparse.Namespace, Ks: Any, rows: Any) -> Setup:
     model = shipped_model(args.device)
     data = load_images("mnist5k")
     peer_scheduler("UniPC")  # imports diffusers before any timing
     x_T = torch.randn((cfg["n"], *IMAGE_SHAPE), generator=torch.Generator().manual_seed(SEED))
     stats = SolverStatistics.from_pretrained("mnist5k")
-    return Setup(model, stats, data, DigitEvaluator(reference=data.heldout), x_T)
+    moments, info = None, {}
+    if any(name in ANALYTIC_FEW_STEP for name in rows):
+        count = min(MOMENT_IMAGES, cfg["n"])
+        start = time.perf_counter()
+        moments = few_step_moments(model, data.train, Ks, count, seed=SEED + 2)
+        steps = {t for K in Ks for t in model.schedule.trajectory(K, spacing="trailing")}
+        info = {"num_images": count, "steps": len(steps), "seconds": time.perf_counter() - start}
+    evaluator = DigitEvaluator(reference=data.heldout)
+    return Setup(model, stats, data, evaluator, x_T, moments, info)
 
 
-def quality_rows(cfg: dict[str, Any], run: Setup) -> list[dict[str, Any]]:
+def quality_rows(
+    cfg: dict[str, Any], run: Setup, rows: Any = ROWS, Ks: Any = None
+) -> list[dict[str, Any]]:
     """Fréchet distance, bootstrap error, precision, recall and time of every row at every K
-    of ``cfg`` (the same ``cfg['n']`` initial noises for all)."""
+    (default ``cfg['Ks']``; the same ``cfg['n']`` initial noises for all)."""
     model, stats, evaluator, x_T = run.model, run.stats, run.evaluator, run.x_T
     quality: list[dict[str, Any]] = []
-    for K in cfg["Ks"]:
-        for name in ROWS:
+    for K in Ks or cfg["Ks"]:
+        for name in rows:
             start = time.perf_counter()
-            images = few_step_images(model, name, K, x_T, SEED + 1, stats)
+            images = few_step_images(model, name, K, x_T, SEED + 1, stats, moments=run.moments)
             seconds = time.perf_counter() - start
             fd, conf, _, prec, rec = quality_row(evaluator, images)
             se = frechet_bootstrap_se(evaluator, images, cfg["boot"])
@@ -140,8 +158,9 @@ def quality_rows(cfg: dict[str, Any], run: Setup) -> list[dict[str, Any]]:
 
 
 def measure_extension(plan: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Add the rows at ``cfg['Ks']`` to an earlier run of plan ``cfg['extends']`` (its
-    ``few_step.json``, kept as measured): same sample count, same initial noise."""
+    """Add rows to an earlier run of plan ``cfg['extends']`` (its ``few_step.json``, kept as
+    measured): every row at new steps ``cfg['Ks']``, or the rows ``cfg['rows']`` at the stored
+    steps; same sample count, same initial noise."""
     previous = args.out / "few_step.json"
     results = stored_run(previous, plan, "quality_from")
     if results["config"].get("n") != cfg["n"]:
@@ -152,14 +171,21 @@ def measure_extension(plan: str, cfg: dict[str, Any], args: argparse.Namespace) 
     if "timing" in results:
         results["timing"].setdefault("made", {k: results.get(k) for k in RUN_FIELDS})
     start, load = time.perf_counter(), os.getloadavg()[0]
-    rows = quality_rows(cfg, setup(cfg, args))
-    new_Ks = set(cfg["Ks"])
-    results["quality"] = [r for r in results["quality"] if r["K"] not in new_Ks] + rows
-    results["config"]["Ks"] = sorted(set(results["config"]["Ks"]) | new_Ks)
+    names = cfg.get("rows", ROWS)
+    Ks = cfg.get("Ks") or results["config"]["Ks"]
+    run = setup(cfg, args, Ks, names)
+    rows = quality_rows(cfg, run, names, Ks)
+    new = {(r["sampler"], r["K"]) for r in rows}
+    results["quality"] = [r for r in results["quality"] if (r["sampler"], r["K"]) not in new]
+    results["quality"] += rows
+    results["config"]["Ks"] = sorted(set(results["config"]["Ks"]) | set(Ks))
+    if run.moment_info:
+        results["moments"] = run.moment_info
     results.setdefault("extensions", []).append(
-        {"plan": plan, "Ks": sorted(new_Ks), "command": command_line(),
-         "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - start,
-         "threads": args.threads, "load_average": [load, os.getloadavg()[0]]}
+        {"plan": plan, "Ks": sorted(Ks), "rows": list(names) if "rows" in cfg else None,
+         "command": command_line(), "date": time.strftime("%Y-%m-%d"),
+         "seconds": time.perf_counter() - start, "threads": args.threads,
+         "load_average": [load, os.getloadavg()[0]]}
     )  # fmt: skip
     return results
 
@@ -171,9 +197,9 @@ def measure(plan: str, args: argparse.Namespace) -> dict[str, Any]:
         return measure_timing(cfg, args)
     if "extends" in cfg:
         return measure_extension(plan, cfg, args)
-    run = setup(cfg, args)
+    run = setup(cfg, args, cfg["Ks"], ROWS)
     quality = quality_rows(cfg, run)
-    model, stats, data, evaluator, x_T = run
+    model, stats, data, evaluator, x_T = run[:5]
     real = quality_row(evaluator, data.train[: cfg["real_n"]])
     conv_x = x_T[: cfg["conv_n"]].to(args.device)
     start = time.perf_counter()
@@ -195,6 +221,7 @@ def measure(plan: str, args: argparse.Namespace) -> dict[str, Any]:
         "convergence": convergence,
         "reference_seconds": ref_seconds,
         "statistics": dict(stats.info),
+        "moments": run.moment_info,
     }
 
 
@@ -231,8 +258,10 @@ def goals(results: dict[str, Any]) -> list[str]:
     for K in (5, 10):
         if not any(k == K for _, k in by):
             continue
-        kexue = min(KEXUE_FEW_STEP, key=lambda n: by[(n, K)]["frechet"])
-        peer = min(PEER_FEW_STEP, key=lambda n: by[(n, K)]["frechet"])
+        kexue = min(
+            (n for n in KEXUE_FEW_STEP if (n, K) in by), key=lambda n: by[(n, K)]["frechet"]
+        )
+        peer = min((n for n in PEER_FEW_STEP if (n, K) in by), key=lambda n: by[(n, K)]["frechet"])
         a, b = by[(kexue, K)], by[(peer, K)]
         met = a["frechet"] <= b["frechet"]
         lines.append(
@@ -322,7 +351,12 @@ def render(results: dict[str, Any], out: Path) -> str:
         "thread(s)). " + machine_line(made["machine"]),
         "",
         *[
-            f"Rows at K = {', '.join(map(str, e['Ks']))} added by `{e['command']}` on "
+            (
+                f"The rows {', '.join(e['rows'])} (at K = {', '.join(map(str, e['Ks']))})"
+                if e.get("rows")
+                else f"Rows at K = {', '.join(map(str, e['Ks']))}"
+            )
+            + f" added by `{e['command']}` on "
             f"{e['date']} in {e['seconds'] / 60:.0f} minutes ({e['threads']} thread(s); load "
             f"average {e['load_average'][0]:.2f} before, {e['load_average'][1]:.2f} after), "
             "same noise and sample count.\n"
@@ -354,7 +388,16 @@ def render(results: dict[str, Any], out: Path) -> str:
         ),
         "",
         "Rows: kexue's `sample` with `eta = 1` (DDPM) and `eta = 0` (DDIM) on even, quadratic or "
-        'trailing steps, `solver="dpm-solver-v3"` with the shipped statistics '
+        "trailing steps; "
+        + (
+            "the same on trailing steps with Analytic-DPM's optimal reverse variance "
+            f"(`optimal_variance`; moments of {results['moments']['num_images']} training "
+            f"digits at the {results['moments']['steps']} steps these trajectories visit, "
+            f"{results['moments']['seconds']:.0f} s); "
+            if results.get("moments")
+            else ""
+        )
+        + '`solver="dpm-solver-v3"` with the shipped statistics '
         f"(`SolverStatistics.from_pretrained('mnist5k')`: {info.get('num_images')} digits x "
         f"{info.get('grid')} grid steps, `s, b` zeroed at steps {info.get('s_b_zeroed_at')}); "
         "diffusers' `DPMSolverMultistepScheduler` (2M, 3M, 2M SDE) and "
@@ -365,8 +408,10 @@ def render(results: dict[str, Any], out: Path) -> str:
         "(equal to 1e-5, `tests/diffusion/test_sampler_solvers.py`).",
         "",
     ]
+    order = {name: i for i, name in enumerate(ROWS)}
     for K in cfg["Ks"]:
         rows = [r for r in results["quality"] if r["K"] == K]
+        rows.sort(key=lambda r: order.get(r["sampler"], len(order)))
         ddim = next(r for r in rows if r["sampler"] == "DDIM trailing")["seconds_per_image"]
         table = Table(
             f"K = {K} model calls",

@@ -25,7 +25,7 @@ def test_few_step_smoke_plan(tmp_path):
     results = json.loads((tmp_path / "few_step.json").read_text())
     assert results["plan"] == "smoke"
     names = {r["sampler"] for r in results["quality"]}
-    assert {"DDIM trailing", "DPM-Solver-v3", "UniPC", "DPM-Solver++ 2M"} <= names
+    assert {"DDIM trailing", "Analytic-DDIM trailing", "DPM-Solver-v3", "UniPC"} <= names
     # the same initial noise: first-order deterministic solvers agree at K = 2 with DDIM
     by = {(r["sampler"], r["K"]): r["frechet"] for r in results["quality"]}
     assert by[("DPM-Solver++ 2M", 2)] == pytest.approx(by[("DDIM trailing", 2)], rel=1e-3)
@@ -43,6 +43,23 @@ def test_few_step_smoke_plan(tmp_path):
     assert extended["quality_from"]["command"] == results["command"]
     page = (tmp_path / "few_step.md").read_text()
     assert "## K = 4 model calls" in page and "Rows at K = 4 added by" in page
+    # a rows extension re-measures named rows at the stored steps from the same noise: the
+    # Analytic row comes out as it was (moments and sampling are seeded), the rest untouched
+    _bench("--plan", "smoke-rows", "--no-lock", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "few_step.json").read_text())
+    name = "Analytic-DDPM trailing"
+    fd = {(r["sampler"], r["K"]): r["frechet"] for r in rows["quality"]}
+    for K in (2, 3, 4):
+        assert fd[(name, K)] == pytest.approx(
+            next(r["frechet"] for r in extended["quality"] if (r["sampler"], r["K"]) == (name, K))
+        )
+    others = [r for r in rows["quality"] if r["sampler"] != name]
+    assert others == [r for r in extended["quality"] if r["sampler"] != name]
+    assert (
+        rows["moments"]["num_images"] == 8
+        and "The rows Analytic-DDPM trailing (at K = 2, 3, 4)"
+        in (tmp_path / "few_step.md").read_text()
+    )
 
 
 def _few_step_module():

@@ -28,6 +28,7 @@ from kexue.diffusion import (
     Trainer,
     UNet,
     classify,
+    estimate_moments,
     fixed_variance,
     frechet_distance,
     optimal_variance,
@@ -302,8 +303,10 @@ def log_interpolated_crossing(points: Sequence[tuple[int, float]], target: float
 
 
 # ---------------------------------------------------------------------- few-step samplers
+# the optimal reverse variance (Analytic-DPM) on trailing steps, eta = 1 and 0
+ANALYTIC_FEW_STEP = ("Analytic-DDPM trailing", "Analytic-DDIM trailing")
 KEXUE_FEW_STEP = ("DDPM even", "DDPM trailing", "DDIM even", "DDIM quadratic", "DDIM trailing",
-                  "DPM-Solver-v3")  # fmt: skip
+                  *ANALYTIC_FEW_STEP, "DPM-Solver-v3")  # fmt: skip
 PEER_FEW_STEP = ("DPM-Solver++ 2M", "DPM-Solver++ 3M", "DPM-Solver++ 2M SDE", "UniPC")
 DETERMINISTIC = ("DDIM even", "DDIM trailing", "DPM-Solver-v3", "DPM-Solver++ 2M",
                  "DPM-Solver++ 3M", "UniPC")  # fmt: skip
@@ -330,8 +333,34 @@ def peer_scheduler(name: str) -> Any:
     raise ValueError(f"unknown peer sampler {name!r}")
 
 
-def few_step_kwargs(name: str, statistics: SolverStatistics | None = None) -> dict[str, Any]:
-    """The ``sample`` arguments of a few-step row (kexue's or a peer's)."""
+def few_step_moments(
+    model: torch.nn.Module, data: Tensor, Ks: Sequence[int], num_images: int, seed: int = 0
+) -> DiffusionMoments:
+    """The moments the Analytic rows need: ``num_images`` digits of ``data`` at the steps of
+    the trailing trajectories of ``Ks`` only (a few dozen steps instead of all ``T``)."""
+    schedule = cast(NoiseSchedule, model.schedule)
+    steps = sorted({t for K in Ks for t in schedule.trajectory(K, spacing="trailing")})
+    device = next(model.parameters()).device
+    return estimate_moments(model, schedule, data, num_images=num_images, timesteps=steps,
+                            generator=torch.Generator().manual_seed(seed), progress=False,
+                            device=device)  # fmt: skip
+
+
+def few_step_kwargs(
+    name: str,
+    statistics: SolverStatistics | None = None,
+    moments: DiffusionMoments | None = None,
+    schedule: NoiseSchedule | None = None,
+    K: int | None = None,
+) -> dict[str, Any]:
+    """The ``sample`` arguments of a few-step row (kexue's or a peer's); the Analytic rows
+    need ``moments``, the ``schedule`` and ``K`` for their per-step variance."""
+    if name.startswith("Analytic-"):  # "Analytic-DDPM trailing": DDPM/DDIM + optimal variance
+        if moments is None or schedule is None or K is None:
+            raise ValueError(f"the row {name!r} needs moments, the schedule and K")
+        eta, spacing = (1.0 if "DDPM" in name else 0.0), name.split()[1]
+        variance = optimal_variance(moments, schedule, K, eta=eta, spacing=spacing)
+        return {"eta": eta, "spacing": spacing, "variance": variance}
     if name.startswith(("DDPM ", "DDIM ")):  # "DDPM even", "DDIM trailing", ...
         return {"eta": 1.0 if name.startswith("DDPM") else 0.0, "spacing": name.split()[1]}
     if name == "DPM-Solver-v3":
@@ -347,6 +376,7 @@ def few_step_images(
     seed: int,
     statistics: SolverStatistics | None = None,
     batch: int = 250,
+    moments: DiffusionMoments | None = None,
 ) -> Tensor:
     """Images of the row ``name`` at ``K`` model calls from the initial noise ``x_T`` (CPU),
     in batches; the per-step noise of stochastic rows comes from a generator seeded ``seed``
@@ -357,8 +387,9 @@ def few_step_images(
     for start in range(0, len(x_T), batch):
         chunk = x_T[start : start + batch].to(device)
         schedule = cast(NoiseSchedule, model.schedule)  # a kexue UNet with its schedule
+        kwargs = few_step_kwargs(name, statistics, moments, schedule, K)
         images = sample(model, schedule, chunk.shape, steps=K, x_T=chunk, generator=gen,
-                        progress=False, **few_step_kwargs(name, statistics))  # fmt: skip
+                        progress=False, **kwargs)  # fmt: skip
         assert isinstance(images, Tensor)  # no trajectory asked for
         out.append(images.cpu())
     return torch.cat(out)
