@@ -359,7 +359,12 @@ def render(results: dict[str, Any], out: Path) -> str:
             + f" added by `{e['command']}` on "
             f"{e['date']} in {e['seconds'] / 60:.0f} minutes ({e['threads']} thread(s); load "
             f"average {e['load_average'][0]:.2f} before, {e['load_average'][1]:.2f} after), "
-            "same noise and sample count.\n"
+            "same noise and sample count"
+            + (
+                "; their time column, on another thread count, does not compare with DDIM's.\n"
+                if e["threads"] != results["threads"]
+                else ".\n"
+            )
             for e in results.get("extensions", [])
         ],
         f"**Sample counts: {cfg['n']} samples per row** "

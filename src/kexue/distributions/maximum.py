@@ -408,7 +408,7 @@ _EXP_ARGUMENT_LIMIT = {torch.float32: 87.0, torch.float64: 708.0}
 
 
 class _CrossEntropySaved(NamedTuple):
-    tensors: tuple[Tensor, ...]  # mu, y, target, h', W' / S', p, pi_t, x_t, log h_t
+    tensors: tuple[Tensor, ...]  # mu, y, target, h', W' / S', p, pi_t, x_t, log h_t, H' (sums)
     shift: float  # c of log h = c - u
     family: NoiseFamily
 
