@@ -93,3 +93,18 @@ def test_goals_compare_the_best_peer_at_k10_with_the_converged_ode_range(sde_at_
     limit = next(line for line in lines if line.startswith("The ODE's own limit"))
     assert "K = 50 the deterministic solvers score 20.0 to 22.5" in limit
     assert ("is below that range" in limit) is below
+
+
+def test_analytic_rows_take_their_eta_and_spacing(monkeypatch) -> None:
+    """ "Analytic-DDPM trailing" samples with eta = 1, "Analytic-DDIM trailing" with eta = 0,
+    both on trailing steps with the optimal variance of that eta."""
+    import kexue.experiments.diffusion as ed
+
+    calls = []
+    monkeypatch.setattr(ed, "optimal_variance", lambda *a, **kw: calls.append(kw) or "var")
+    for name, eta in (("Analytic-DDPM trailing", 1.0), ("Analytic-DDIM trailing", 0.0)):
+        kwargs = ed.few_step_kwargs(name, None, moments="m", schedule="s", K=5)
+        assert kwargs == {"eta": eta, "spacing": "trailing", "variance": "var"}
+        assert calls[-1] == {"eta": eta, "spacing": "trailing"}
+    with pytest.raises(ValueError, match="needs moments"):
+        ed.few_step_kwargs("Analytic-DDIM trailing", None)

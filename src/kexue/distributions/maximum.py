@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kexue.distributions.noise import NoiseFamily
+from kexue.distributions.noise import NoiseFamily, _exp_limit
 from kexue.ops import exp_flush_
 
 __all__ = [
@@ -326,7 +326,9 @@ class _MaximumLogMass(torch.autograd.Function):
 
 
 class _Saved(NamedTuple):
-    tensors: tuple[Tensor, ...]  # mu, y, e, u, 1 / sum_k e (B, 1, n)
+    # the map: mu, y, e, u, 1 / sum_k e (B, 1, n); the cross-entropy: mu, y, target, h',
+    # W' / S', p, pi_t, x_t, log h_t, H'
+    tensors: tuple[Tensor, ...]
     shift: float  # c of log h = c - u
     family: NoiseFamily
 
@@ -403,16 +405,6 @@ def _log_mass_backward(saved: _Saved, grad: Tensor) -> Tensor:
     return g_mu.sub_(g_mu.mean(-1, keepdim=True))
 
 
-# Arguments of exp() at or below -limit give subnormal results or take a slow path on CPUs.
-_EXP_ARGUMENT_LIMIT = {torch.float32: 87.0, torch.float64: 708.0}
-
-
-class _CrossEntropySaved(NamedTuple):
-    tensors: tuple[Tensor, ...]  # mu, y, target, h', W' / S', p, pi_t, x_t, log h_t, H' (sums)
-    shift: float  # c of log h = c - u
-    family: NoiseFamily
-
-
 class _MaximumCrossEntropy(torch.autograd.Function):
     """``-log p_target`` per row of scores ``(B, n)``, reduced, as one autograd node: the
     centring, the nodes, the masses and the pick of the target.
@@ -450,7 +442,7 @@ class _MaximumCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        saved = _CrossEntropySaved(ctx.saved_tensors, ctx.shift, ctx.family)
+        saved = _Saved(ctx.saved_tensors, ctx.shift, ctx.family)
         rows = saved.tensors[0].shape[0]
         if ctx.reduction == "mean":
             grad = grad.expand(rows) / rows
@@ -461,7 +453,7 @@ class _MaximumCrossEntropy(torch.autograd.Function):
 
 def _cross_entropy_forward(
     mu: Tensor, target: Tensor, y: Tensor, log_w: Tensor, family: NoiseFamily, keep: bool
-) -> tuple[Tensor, _CrossEntropySaved]:
+) -> tuple[Tensor, _Saved]:
     """``log S - log m_t`` per row ``(B,)`` and, if ``keep``, what the backward needs
     (:class:`_MaximumCrossEntropy`)."""
     rows, n = mu.shape
@@ -472,7 +464,7 @@ def _cross_entropy_forward(
     index = target[:, None, None].expand(rows, m, 1)
     x_min = float(y.amin()) - float(mu.amax()) if rows else 0.0
     # exp() stays a normal float (fast); h below e^-limit adds nothing a float can hold to m
-    limit = _EXP_ARGUMENT_LIMIT[mu.dtype]
+    limit = _exp_limit(mu.dtype)
     shift = 0.0
     parts = []
     for r0 in range(0, rows, step):
@@ -516,10 +508,10 @@ def _cross_entropy_forward(
         x_t = y - mu.gather(-1, target[:, None])
         tensors = (mu, y, target, h_all, weight.mul_(inv), mass.squeeze(1).mul_(inv),
                    posterior, x_t, log_h_t, h_sum)  # fmt: skip
-    return loss, _CrossEntropySaved(tensors, shift, family)
+    return loss, _Saved(tensors, shift, family)
 
 
-def _cross_entropy_backward(saved: _CrossEntropySaved, grad: Tensor) -> Tensor:
+def _cross_entropy_backward(saved: _Saved, grad: Tensor) -> Tensor:
     """The gradient in the scores from the gradient ``grad`` ``(B,)`` in the rows' losses."""
     mu, y, target, h_all, w_s, prob, pi_t, x_t, log_h_t, h_sum = saved.tensors
     family = saved.family
