@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "KexueError",
     "MissingExtraError",
+    "NativeKernelError",
     "NonFiniteError",
     "NotFittedError",
 ]
@@ -35,6 +36,10 @@ class NonFiniteError(KexueError, ValueError):
 
 class MissingExtraError(KexueError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class NativeKernelError(KexueError, RuntimeError):
+    """A native kernel was required (``KEXUE_NATIVE=1``) but could not be built."""
 
 
 class _NotFittedError(ValueError, AttributeError):

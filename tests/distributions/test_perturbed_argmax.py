@@ -317,7 +317,7 @@ def test_cross_entropy_with_gumbel_is_torch_cross_entropy(random_mu) -> None:
         torch.testing.assert_close(ours, F.cross_entropy(mu, target, reduction=reduction))
 
 
-def test_cross_entropy_normal_matches_reference(random_mu) -> None:
+def test_cross_entropy_normal_matches_reference(random_mu, backend) -> None:
     mu = random_mu((3, 6), 1.0, seed=15)
     target = torch.tensor([2, 0, 5])
     loss = perturbed_argmax_cross_entropy(mu, target, num_nodes=64, reduction="none")
@@ -339,7 +339,9 @@ def _erf_normal():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("family", ["normal", "logistic", "laplace", "custom"])
-def test_cross_entropy_is_the_picked_log_probability(random_mu, family: str, reduction) -> None:
+def test_cross_entropy_is_the_picked_log_probability(
+    random_mu, family: str, reduction, backend
+) -> None:
     """The loss (one autograd node, in linear space: see ``_MaximumCrossEntropy``) against
     ``-log p_target`` from :func:`perturbed_argmax_log_probs` (log space), value and gradient,
     with leading dimensions and the classes along ``dim=1``; normal and logistic take the
@@ -368,7 +370,9 @@ def test_cross_entropy_is_the_picked_log_probability(random_mu, family: str, red
 
 
 @pytest.mark.parametrize("family", ["normal", "logistic"])
-def test_cross_entropy_in_float32_matches_float64_for_far_and_wide_scores(family: str) -> None:
+def test_cross_entropy_in_float32_matches_float64_for_far_and_wide_scores(
+    family: str, backend
+) -> None:
     """Linear space in float32: scores spread over 20 units (the lower classes' h underflows)
     and a target far below the top still give the float64 loss and gradient to float32
     precision; the far target's loss is large but finite. (Far below the window the map holds

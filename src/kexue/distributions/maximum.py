@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kexue.distributions.noise import NoiseFamily
+from kexue.distributions.native import probit_kernel
+from kexue.distributions.noise import ERFC_RANGE, NoiseFamily, NormalNoise
 from kexue.ops import exp_flush_
 
 __all__ = [
@@ -423,18 +424,29 @@ class _MaximumCrossEntropy(torch.autograd.Function):
     and where ``d = a x + b h + c`` (``family.log_density_slope``) the middle sum is
     ``(sum_k W_k (a y_k + c) h_kj - a mu_j m_j + (b - 1) sum_k W_k h_kj^2) / S``: two
     ``(1, M) @ (M, n)`` products and one pass for ``h^2``, against seven passes in log space.
+
+    For normal noise on CPU the native kernel (:mod:`kexue.distributions.native`) computes
+    the same loss and, in the forward, each row's gradient, which the backward scales.
     """
 
     @staticmethod
     def forward(ctx, scores, target, family, num_nodes, rule, reduction):
         centred = scores - scores.amax(-1, keepdim=True)  # only differences matter
         y, log_w = maximum_nodes(centred, family, num_nodes, rule)
-        loss, saved = _cross_entropy_forward(
-            centred, target, y, log_w, family, ctx.needs_input_grad[0]
-        )
-        ctx.family, ctx.shift, ctx.reduction = family, saved.shift, reduction
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(*saved.tensors)
+        keep = ctx.needs_input_grad[0]
+        kernel = _native_kernel(centred, family, y)
+        ctx.native, ctx.reduction = kernel is not None, reduction
+        if kernel is not None:
+            loss, row_grad = kernel.probit_cross_entropy(
+                centred, y.contiguous(), log_w.contiguous(), target.contiguous(), keep
+            )
+            if keep:
+                ctx.save_for_backward(row_grad)
+        else:
+            loss, saved = _cross_entropy_forward(centred, target, y, log_w, family, keep)
+            ctx.family, ctx.shift = family, saved.shift
+            if keep:
+                ctx.save_for_backward(*saved.tensors)
         if reduction == "mean":
             return loss.mean()
         return loss.sum() if reduction == "sum" else loss
@@ -442,13 +454,29 @@ class _MaximumCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        saved = _Saved(ctx.saved_tensors, ctx.shift, ctx.family)
-        rows = saved.tensors[0].shape[0]
+        rows = ctx.saved_tensors[0].shape[0]
         if ctx.reduction == "mean":
             grad = grad.expand(rows) / rows
         elif ctx.reduction == "sum":
             grad = grad.expand(rows)
-        return _cross_entropy_backward(saved, grad), None, None, None, None, None
+        if ctx.native:
+            g_mu = ctx.saved_tensors[0] * grad[:, None]
+        else:
+            g_mu = _cross_entropy_backward(_Saved(ctx.saved_tensors, ctx.shift, ctx.family), grad)
+        return g_mu, None, None, None, None, None
+
+
+def _native_kernel(centred: Tensor, family: NoiseFamily, y: Tensor) -> Any:
+    """The native kernel where it computes this loss (normal noise, float32/64 on CPU, every
+    ``y_k - mu_l`` where ``erfc`` stays a normal float), else ``None``."""
+    if type(family) is not NormalNoise or centred.device.type != "cpu":
+        return None
+    if centred.dtype not in ERFC_RANGE or not centred.is_contiguous():
+        return None
+    # centred scores are <= 0, so y_k - mu_l >= min y: the window keeps it above -9.3
+    if float(y.amin()) < ERFC_RANGE[centred.dtype][0]:
+        return None
+    return probit_kernel()
 
 
 def _cross_entropy_forward(

@@ -227,7 +227,7 @@ class GumbelNoise(NoiseFamily):
 # Inside [lo, hi], log Phi = log(erfc(-x / sqrt 2) / 2) needs no special function beyond erfc
 # (vectorised, ~4x cheaper than log_ndtr): erfc stays a normal float down to lo, and above hi
 # Phi rounds to 1. Below lo the exact log_ndtr takes over.
-_NORMAL_RANGE = {torch.float32: (-12.0, 5.5), torch.float64: (-37.0, 8.5)}
+ERFC_RANGE = {torch.float32: (-12.0, 5.5), torch.float64: (-37.0, 8.5)}
 _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -258,7 +258,7 @@ class NormalNoise(NoiseFamily):
         return torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
     def kernel_log_cdf_(self, x: Tensor) -> Tensor:
-        lo, hi = _NORMAL_RANGE.get(x.dtype, _NORMAL_RANGE[torch.float32])
+        lo, hi = ERFC_RANGE.get(x.dtype, ERFC_RANGE[torch.float32])
         far = x < lo if bool(x.amin() < lo) else None
         exact = torch.special.log_ndtr(x[far]) if far is not None else None
         out = x.clamp_(lo, hi).mul_(-_SQRT_HALF).erfc_().log_().sub_(_LN2)
@@ -269,7 +269,7 @@ class NormalNoise(NoiseFamily):
     def kernel_dlog_cdf_(self, x: Tensor) -> Tensor:
         # phi / Phi = sqrt(2 / pi) exp(-z^2) / erfc(z) with z = -x / sqrt 2; = sqrt(2/pi) /
         # erfcx(z) in the far lower tail, where exp(-z^2) would underflow.
-        lo, hi = _NORMAL_RANGE.get(x.dtype, _NORMAL_RANGE[torch.float32])
+        lo, hi = ERFC_RANGE.get(x.dtype, ERFC_RANGE[torch.float32])
         far = x < lo if bool(x.amin() < lo) else None
         exact = None
         if far is not None:
@@ -286,7 +286,7 @@ class NormalNoise(NoiseFamily):
     def kernel_maximum_terms_(
         self, x: Tensor, scratch: Tensor, x_min: float
     ) -> tuple[Tensor, Tensor, float]:
-        lo = _NORMAL_RANGE.get(x.dtype, _NORMAL_RANGE[torch.float32])[0]
+        lo = ERFC_RANGE.get(x.dtype, ERFC_RANGE[torch.float32])[0]
         if x_min >= lo:  # erfc stays normal; above hi it rounds to 2 and log Phi to 0 anyway
             log_cdf = torch.mul(x, -_SQRT_HALF, out=scratch).erfc_().log_().sub_(_LN2)
         else:

@@ -1,0 +1,231 @@
+// The probit head's loss and its gradient in one pass per row (docs/guides/distributions.md,
+// "A native kernel for the probit head"). Built on first use by kexue.distributions.native;
+// the eager path in maximum.py computes the same quantities and is the reference for tests.
+//
+// Per row of centred scores mu (n), nodes y (M), log-weights log w (M) and target t:
+//   x_kl = y_k - mu_l,  log Phi(x) = log(erfc(-x / sqrt 2)) - log 2,
+//   u_kl = log Phi(x_kl) + x_kl^2 / 2   (log h = c - u, c = -log sqrt(2 pi)),
+//   h'_kl = exp(-min(u_kl, limit)),  log P_k = sum_l log Phi(x_kl),
+//   W_k = exp(log w_k + log P_k - top),  m_l = sum_k W_k h'_kl,  S = sum_l m_l,
+//   loss = log S - log m_t, with log m_t taken in log space from the unclamped u_kt.
+// The gradient (normal noise: (log phi)' = -x) is
+//   g_j = sum_k h'_kj (first_k + square_k h'_kj) - mu_j m_j / S + [j = t] sum_k pi_kt d_kt,
+//   first_k = pi_kt e^c - (W_k / S)(H_k e^c - y_k),  square_k = (W_k / S) e^c,
+//   d_kt = -x_kt - h_kt,  H_k = sum_l h'_kl,
+// projected onto the vectors that sum to zero.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+using at::vec::Vectorized;
+
+// MKL's vector math, which torch builds with MKL export (about 3x faster than SLEEF's erfc).
+// Weak, so that a torch without them still loads this module and uses SLEEF through ATen.
+extern "C" {
+void vsErfc(int, const float*, float*) __attribute__((weak));
+void vdErfc(int, const double*, double*) __attribute__((weak));
+void vsLn(int, const float*, float*) __attribute__((weak));
+void vdLn(int, const double*, double*) __attribute__((weak));
+void vsExp(int, const float*, float*) __attribute__((weak));
+void vdExp(int, const double*, double*) __attribute__((weak));
+}
+
+namespace {
+
+template <typename T, typename F>
+void vec_map(int64_t size, const T* a, T* out, F f) {
+  using V = Vectorized<T>;
+  for (int64_t i = 0; i < size; i += V::size()) {
+    const int64_t r = std::min<int64_t>(V::size(), size - i);
+    f(V::loadu(a + i, r)).store(out + i, r);
+  }
+}
+
+void vec_erfc(int64_t n, const float* a, float* r) {
+  if (vsErfc) vsErfc(int(n), a, r); else vec_map(n, a, r, [](auto v) { return v.erfc(); });
+}
+void vec_erfc(int64_t n, const double* a, double* r) {
+  if (vdErfc) vdErfc(int(n), a, r); else vec_map(n, a, r, [](auto v) { return v.erfc(); });
+}
+void vec_log(int64_t n, const float* a, float* r) {
+  if (vsLn) vsLn(int(n), a, r); else vec_map(n, a, r, [](auto v) { return v.log(); });
+}
+void vec_log(int64_t n, const double* a, double* r) {
+  if (vdLn) vdLn(int(n), a, r); else vec_map(n, a, r, [](auto v) { return v.log(); });
+}
+void vec_exp(int64_t n, const float* a, float* r) {
+  if (vsExp) vsExp(int(n), a, r); else vec_map(n, a, r, [](auto v) { return v.exp(); });
+}
+void vec_exp(int64_t n, const double* a, double* r) {
+  if (vdExp) vdExp(int(n), a, r); else vec_map(n, a, r, [](auto v) { return v.exp(); });
+}
+
+template <typename T>
+T lane_sum(const Vectorized<T>& v, int64_t count = Vectorized<T>::size()) {
+  T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T s = 0;
+  for (int64_t i = 0; i < count; ++i) s += buf[i];
+  return s;
+}
+
+// Buffers of one thread: three M x n blocks and a few vectors, reused across its rows.
+template <typename T>
+struct Workspace {
+  std::vector<T> x, u, h, mass, u_t, log_p, h_sum, weight, post, first, square;
+  Workspace(int64_t m, int64_t n)
+      : x(m * n), u(m * n), h(m * n), mass(n), u_t(m), log_p(m), h_sum(m), weight(m),
+        post(m), first(m), square(m) {}
+};
+
+template <typename T>
+void row(const T* mu, const T* y, const T* log_w, int64_t t, int64_t m, int64_t n, T limit,
+         Workspace<T>& ws, T* loss, T* grad) {
+  using V = Vectorized<T>;
+  constexpr int64_t kW = V::size();
+  const T ln2 = std::log(T(2));
+  const T shift = -T(0.5) * std::log(T(2) * T(M_PI));  // c of log h = c - u
+  const V neg_sqrt_half(-std::sqrt(T(0.5))), half(T(0.5)), v_ln2(ln2), v_limit(limit);
+  T *xs = ws.x.data(), *us = ws.u.data(), *hs = ws.h.data();
+
+  // x, and erfc(-x / sqrt 2) then its log in bulk
+  for (int64_t k = 0; k < m; ++k) {
+    const V yk(y[k]);
+    for (int64_t l = 0; l < n; l += kW) {
+      const int64_t r = std::min<int64_t>(kW, n - l);
+      const V x = yk - V::loadu(mu + l, r);
+      x.store(xs + k * n + l, r);
+      (x * neg_sqrt_half).store(us + k * n + l, r);
+    }
+  }
+  vec_erfc(m * n, us, us);
+  vec_log(m * n, us, us);
+  // u = log Phi + x^2 / 2, log P_k, and -min(u, limit) into h before one exp
+  for (int64_t k = 0; k < m; ++k) {
+    V acc(T(0));
+    T tail = 0;
+    for (int64_t l = 0; l < n; l += kW) {
+      const int64_t r = std::min<int64_t>(kW, n - l);
+      const V x = V::loadu(xs + k * n + l, r);
+      const V lc = V::loadu(us + k * n + l, r) - v_ln2;
+      const V u = at::vec::fmadd(half * x, x, lc);
+      u.store(us + k * n + l, r);
+      at::vec::minimum(u, v_limit).neg().store(hs + k * n + l, r);
+      if (r == kW) acc = acc + lc; else tail += lane_sum(lc, r);
+    }
+    ws.log_p[k] = lane_sum(acc) + tail + log_w[k];  // log w_k + log P_k
+    ws.u_t[k] = us[k * n + t];
+  }
+  vec_exp(m * n, hs, hs);
+  T top = -std::numeric_limits<T>::infinity();
+  for (int64_t k = 0; k < m; ++k) top = std::max(top, ws.log_p[k]);
+  for (int64_t k = 0; k < m; ++k) ws.weight[k] = std::exp(ws.log_p[k] - top);
+  // m_l = sum_k W_k h'_kl and H_k = sum_l h'_kl
+  for (int64_t l = 0; l < n; l += kW) {
+    const int64_t r = std::min<int64_t>(kW, n - l);
+    V acc(T(0));
+    for (int64_t k = 0; k < m; ++k)
+      acc = at::vec::fmadd(V(ws.weight[k]), V::loadu(hs + k * n + l, r), acc);
+    acc.store(ws.mass.data() + l, r);
+  }
+  for (int64_t k = 0; k < m; ++k) {
+    V acc(T(0));
+    T tail = 0;
+    for (int64_t l = 0; l < n; l += kW) {
+      const int64_t r = std::min<int64_t>(kW, n - l);
+      const V h = V::loadu(hs + k * n + l, r);
+      if (r == kW) acc = acc + h; else tail += lane_sum(h, r);
+    }
+    ws.h_sum[k] = lane_sum(acc) + tail;
+  }
+  T total = 0;
+  for (int64_t l = 0; l < n; ++l) total += ws.mass[l];
+  // the target's log mass in log space on the M nodes: exact where its h' underflows
+  T top_t = -std::numeric_limits<T>::infinity();
+  for (int64_t k = 0; k < m; ++k) {
+    ws.post[k] = shift - ws.u_t[k] + ws.log_p[k];
+    top_t = std::max(top_t, ws.post[k]);
+  }
+  T mass_t = 0;
+  for (int64_t k = 0; k < m; ++k) {
+    ws.post[k] = std::exp(ws.post[k] - top_t);
+    mass_t += ws.post[k];
+  }
+  *loss = std::log(total / mass_t) + (top - top_t) + shift;
+  if (grad == nullptr) return;
+
+  const T scale = std::exp(shift), inv_total = T(1) / total, inv_t = T(1) / mass_t;
+  const T mu_t = mu[t];
+  T target_term = 0;
+  for (int64_t k = 0; k < m; ++k) {
+    const T w_s = ws.weight[k] * inv_total, pi = ws.post[k] * inv_t;
+    ws.first[k] = pi * scale - w_s * (ws.h_sum[k] * scale - y[k]);
+    ws.square[k] = w_s * scale;
+    target_term += pi * (mu_t - y[k] - std::exp(shift - ws.u_t[k]));  // pi_kt (-x_kt - h_kt)
+  }
+  const V v_inv_total(inv_total);
+  V acc_sum(T(0));
+  T tail_sum = 0;
+  for (int64_t l = 0; l < n; l += kW) {
+    const int64_t r = std::min<int64_t>(kW, n - l);
+    V acc(T(0));
+    for (int64_t k = 0; k < m; ++k) {
+      const V h = V::loadu(hs + k * n + l, r);
+      acc = at::vec::fmadd(h, at::vec::fmadd(V(ws.square[k]), h, V(ws.first[k])), acc);
+    }
+    acc = acc - V::loadu(mu + l, r) * V::loadu(ws.mass.data() + l, r) * v_inv_total;
+    acc.store(grad + l, r);
+    if (r == kW) acc_sum = acc_sum + acc; else tail_sum += lane_sum(acc, r);
+  }
+  grad[t] += target_term;
+  // the exact loss is unchanged by mu + c: its gradient sums to zero over the classes
+  const V mean((lane_sum(acc_sum) + tail_sum + target_term) / T(n));
+  for (int64_t l = 0; l < n; l += kW) {
+    const int64_t r = std::min<int64_t>(kW, n - l);
+    (V::loadu(grad + l, r) - mean).store(grad + l, r);
+  }
+}
+
+}  // namespace
+
+// (loss (B,), gradient (B, n) of each row's loss, or an undefined tensor) for contiguous CPU
+// float32/float64 mu (B, n), y and log_w (B, M), int64 target (B,).
+std::vector<torch::Tensor> probit_cross_entropy(const torch::Tensor& mu, const torch::Tensor& y,
+                                                const torch::Tensor& log_w,
+                                                const torch::Tensor& target, bool with_grad) {
+  TORCH_CHECK(mu.dim() == 2 && y.dim() == 2 && log_w.sizes() == y.sizes(), "bad shapes");
+  TORCH_CHECK(mu.is_contiguous() && y.is_contiguous() && log_w.is_contiguous() &&
+                  target.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.numel() == mu.size(0), "bad target");
+  const int64_t rows = mu.size(0), n = mu.size(1), m = y.size(1);
+  TORCH_CHECK(y.size(0) == rows && n > 0 && m > 0, "bad shapes");
+  auto loss = torch::empty({rows}, mu.options());
+  auto grad = with_grad ? torch::empty({rows, n}, mu.options()) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "probit_cross_entropy", [&] {
+    using T = scalar_t;
+    const T limit = -std::log(std::numeric_limits<T>::min());  // exp(-limit): smallest normal
+    const T *mu_p = mu.data_ptr<T>(), *y_p = y.data_ptr<T>(), *w_p = log_w.data_ptr<T>();
+    const int64_t* t_p = target.data_ptr<int64_t>();
+    T* loss_p = loss.data_ptr<T>();
+    T* grad_p = with_grad ? grad.data_ptr<T>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (m * n));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      Workspace<T> ws(m, n);
+      for (int64_t b = begin; b < end; ++b)
+        row<T>(mu_p + b * n, y_p + b * m, w_p + b * m, t_p[b], m, n, limit, ws, loss_p + b,
+               grad_p ? grad_p + b * n : nullptr);
+    });
+  });
+  return {loss, grad};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("probit_cross_entropy", &probit_cross_entropy,
+             "The probit head's per-row loss and gradient (kexue.distributions.native)");
+}

@@ -1,0 +1,155 @@
+"""The native probit kernel (kexue.distributions.native) against the eager path and against
+independent references: loss and gradient in float32 and float64, far targets, many threads,
+the switches and the fallback when the kernel cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import kexue.distributions.maximum as mx
+import kexue.distributions.native as native
+from kexue.distributions import noise_family, perturbed_argmax_cross_entropy
+from kexue.exceptions import NativeKernelError
+from kexue.testing.perturbed_argmax import reference_probs
+
+F64 = torch.float64
+
+
+@pytest.fixture
+def kernel():
+    try:
+        return native.build_probit_kernel()
+    except NativeKernelError as exc:  # pragma: no cover - machines without a compiler
+        if native.os.environ.get(native.ENV_VAR) == "1":
+            raise
+        pytest.skip(f"the native kernel is unavailable here: {exc}")
+
+
+def _loss_and_grad(mu, target, enabled: bool, **kwargs):
+    leaf = mu.clone().requires_grad_()
+    with native.native_kernels(enabled):
+        loss = perturbed_argmax_cross_entropy(leaf, target, "normal", reduction="none", **kwargs)
+    (loss * torch.linspace(0.5, 1.5, len(loss), dtype=loss.dtype)).sum().backward()
+    return loss.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 100, 1000])
+def test_native_matches_the_eager_path(kernel, dtype: torch.dtype, n: int) -> None:
+    """Same formulas, other arithmetic: equal to rounding. Widths 1..1000 cover the vector
+    loops' full and partial lanes; one target sits 25 below the top (its h underflows)."""
+    gen = torch.Generator().manual_seed(n)
+    mu = (torch.randn(9, n, generator=gen, dtype=F64) * 3.0).to(dtype)
+    target = torch.randint(n, (9,), generator=gen)
+    if n > 1:
+        mu[0, 0] = mu[0].amax() - 25.0
+        target[0] = 0
+    native_loss, native_grad = _loss_and_grad(mu, target, True)
+    eager_loss, eager_grad = _loss_and_grad(mu, target, False)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 2e-5, "atol": 2e-5}
+    torch.testing.assert_close(native_loss, eager_loss, **tol)
+    torch.testing.assert_close(native_grad, eager_grad, **tol)
+    assert torch.isfinite(native_loss).all() and (n == 1 or native_loss[0] > 100)
+
+
+def test_native_matches_scipy_and_finite_differences(kernel, random_mu) -> None:
+    """Float64 loss against -log p from scipy's adaptive quadrature; the gradient (the kernel
+    makes it in the forward) against finite differences of the loss."""
+    mu = random_mu((4, 12), 1.5, seed=31)
+    target = torch.tensor([0, 11, 5, 5])
+    with native.native_kernels(True):
+        loss = perturbed_argmax_cross_entropy(mu, target, num_nodes=64, reduction="none")
+        ref = [-math.log(reference_probs(mu[i].numpy(), "normal")[int(t)]) for i, t in
+               enumerate(target)]  # fmt: skip
+        torch.testing.assert_close(loss, torch.tensor(ref, dtype=F64), rtol=1e-7, atol=0)
+        leaf = mu.clone().requires_grad_()
+        assert gradcheck(
+            lambda m: perturbed_argmax_cross_entropy(m, target, num_nodes=64, reduction="sum"),
+            (leaf,),
+        )
+
+
+def test_native_gradient_sums_to_zero_and_threads_agree(kernel) -> None:
+    gen = torch.Generator().manual_seed(3)
+    mu = torch.randn(64, 300, generator=gen)
+    target = torch.randint(300, (64,), generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _loss_and_grad(mu, target, True)
+        torch.set_num_threads(2)
+        two = _loss_and_grad(mu, target, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])  # rows are independent
+    assert one[1].sum(-1).abs().max() < 300 * 1e-7  # float32 rounding of 300 terms
+
+
+def test_native_without_gradient_gives_the_same_loss(kernel, random_mu) -> None:
+    mu = random_mu((5, 40), 2.0, seed=8)
+    target = torch.tensor([1, 2, 3, 4, 39])
+    with native.native_kernels(True):
+        with torch.no_grad():
+            plain = perturbed_argmax_cross_entropy(mu, target, reduction="none")
+        graded = perturbed_argmax_cross_entropy(mu.clone().requires_grad_(), target, "normal",
+                                                reduction="none")  # fmt: skip
+    torch.testing.assert_close(plain, graded.detach(), rtol=0, atol=0)
+
+
+def test_only_normal_float_cpu_rows_in_range_take_the_kernel(kernel, random_mu) -> None:
+    mu = random_mu((2, 5), seed=2)
+    mu = mu - mu.amax(-1, keepdim=True)
+    y = torch.linspace(-6.0, 3.0, 24, dtype=F64).expand(2, 24)
+    normal = noise_family("normal")
+    with native.native_kernels(True):
+        assert mx._native_kernel(mu, normal, y) is kernel
+        assert mx._native_kernel(mu.float(), normal, y.float()) is kernel
+        assert mx._native_kernel(mu, noise_family("logistic"), y) is None
+        assert mx._native_kernel(mu.T.contiguous().T, normal, y) is None  # not contiguous
+        assert mx._native_kernel(mu, normal, y - 40.0) is None  # erfc would underflow
+    with native.native_kernels(False):
+        assert mx._native_kernel(mu, normal, y) is None
+
+
+def test_the_environment_switches_the_kernel(kernel, monkeypatch) -> None:
+    monkeypatch.setenv(native.ENV_VAR, "0")
+    assert native.probit_kernel() is None
+    with native.native_kernels(True):  # the explicit switch wins
+        assert native.probit_kernel() is kernel
+    monkeypatch.setenv(native.ENV_VAR, "auto")
+    assert native.probit_kernel() is kernel
+    monkeypatch.setenv(native.ENV_VAR, "yes")
+    with pytest.raises(ValueError, match="KEXUE_NATIVE must be one of auto, 0, 1"):
+        native.probit_kernel()
+
+
+def test_a_failed_build_falls_back_with_one_line(monkeypatch, caplog, random_mu) -> None:
+    """No compiler: one logged line, then the eager path; with KEXUE_NATIVE=1 an error."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(native, "_is_built", lambda *args: False)
+    monkeypatch.setenv(native.ENV_VAR, "auto")
+    mu = random_mu((3, 6), seed=4)
+    target = torch.tensor([0, 1, 2])
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        loss = perturbed_argmax_cross_entropy(mu, target)
+        again = perturbed_argmax_cross_entropy(mu, target)
+    failures = [r for r in caplog.records if "did not build" in r.getMessage()]
+    assert len(failures) == 1 and "Ninja is required" in failures[0].getMessage()
+    with native.native_kernels(False):
+        torch.testing.assert_close(loss, perturbed_argmax_cross_entropy(mu, target))
+    assert again == loss
+    monkeypatch.setenv(native.ENV_VAR, "1")
+    with pytest.raises(NativeKernelError, match="Ninja is required"):
+        perturbed_argmax_cross_entropy(mu, target)
