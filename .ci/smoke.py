@@ -47,6 +47,14 @@ core = python(
     "torch.ones(4, dtype=torch.float64))"
 )
 check(core.returncode == 0, f"core capabilities run {core.stderr[-300:]}")
+native = python(
+    "import torch; from kexue.native import build_kernels, native_kernels;"
+    "from kexue.losses import zlpr_loss; build_kernels();"
+    "s = torch.randn(4, 40); t = torch.rand(4, 40);"
+    "fast = zlpr_loss(s, t)\nwith native_kernels(False): eager = zlpr_loss(s, t)\n"
+    "torch.testing.assert_close(fast, eager)"
+)
+check(native.returncode == 0, f"the native kernels build from the wheel {native.stderr[-300:]}")
 
 if FLAVOUR == "core":
     uses = {

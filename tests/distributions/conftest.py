@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
-
-from kexue.distributions.native import ENV_VAR, build_probit_kernel, native_kernels
-from kexue.exceptions import NativeKernelError
 
 
 @pytest.fixture
@@ -21,19 +17,3 @@ def random_mu() -> Callable[..., torch.Tensor]:
         return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
 
     return draw
-
-
-@pytest.fixture(params=["native", "eager"])
-def backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test with the probit loss's native kernel, then with its eager path. Where the
-    kernel cannot be built the native run is skipped, unless ``KEXUE_NATIVE=1`` (CI) makes
-    that an error."""
-    if request.param == "native":
-        try:
-            build_probit_kernel()
-        except NativeKernelError as exc:
-            if os.environ.get(ENV_VAR) == "1":
-                raise
-            pytest.skip(f"the native kernel is unavailable here: {exc}")
-    with native_kernels(request.param == "native"):
-        yield request.param

@@ -1,10 +1,8 @@
-"""The native probit kernel (kexue.distributions.native) against the eager path and against
-independent references: loss and gradient in float32 and float64, far targets, many threads,
-the switches and the fallback when the kernel cannot be built."""
+"""The native probit kernel (kexue.native) against the eager path and against independent
+references: loss and gradient in float32 and float64, far targets, many threads."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 from torch.autograd import gradcheck
 
 import kexue.distributions.maximum as mx
-import kexue.distributions.native as native
+import kexue.native as native
 from kexue.distributions import noise_family, perturbed_argmax_cross_entropy
 from kexue.exceptions import NativeKernelError
 from kexue.testing.perturbed_argmax import reference_probs
@@ -23,7 +21,7 @@ F64 = torch.float64
 @pytest.fixture
 def kernel():
     try:
-        return native.build_probit_kernel()
+        return native.build_kernels()
     except NativeKernelError as exc:  # pragma: no cover - machines without a compiler
         if native.os.environ.get(native.ENV_VAR) == "1":
             raise
@@ -114,42 +112,3 @@ def test_only_normal_float_cpu_rows_in_range_take_the_kernel(kernel, random_mu) 
         assert mx._native_kernel(mu, normal, y - 40.0) is None  # erfc would underflow
     with native.native_kernels(False):
         assert mx._native_kernel(mu, normal, y) is None
-
-
-def test_the_environment_switches_the_kernel(kernel, monkeypatch) -> None:
-    monkeypatch.setenv(native.ENV_VAR, "0")
-    assert native.probit_kernel() is None
-    with native.native_kernels(True):  # the explicit switch wins
-        assert native.probit_kernel() is kernel
-    monkeypatch.setenv(native.ENV_VAR, "auto")
-    assert native.probit_kernel() is kernel
-    monkeypatch.setenv(native.ENV_VAR, "yes")
-    with pytest.raises(ValueError, match="KEXUE_NATIVE must be one of auto, 0, 1"):
-        native.probit_kernel()
-
-
-def test_a_failed_build_falls_back_with_one_line(monkeypatch, caplog, random_mu) -> None:
-    """No compiler: one logged line, then the eager path; with KEXUE_NATIVE=1 an error."""
-    from torch.utils import cpp_extension
-
-    def no_compiler(**kwargs):
-        raise RuntimeError("Ninja is required to load C++ extensions")
-
-    monkeypatch.setattr(native, "_kernel", None)
-    monkeypatch.setattr(native, "_failed", None)
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(native, "_is_built", lambda *args: False)
-    monkeypatch.setenv(native.ENV_VAR, "auto")
-    mu = random_mu((3, 6), seed=4)
-    target = torch.tensor([0, 1, 2])
-    with caplog.at_level(logging.WARNING, logger=native.__name__):
-        loss = perturbed_argmax_cross_entropy(mu, target)
-        again = perturbed_argmax_cross_entropy(mu, target)
-    failures = [r for r in caplog.records if "did not build" in r.getMessage()]
-    assert len(failures) == 1 and "Ninja is required" in failures[0].getMessage()
-    with native.native_kernels(False):
-        torch.testing.assert_close(loss, perturbed_argmax_cross_entropy(mu, target))
-    assert again == loss
-    monkeypatch.setenv(native.ENV_VAR, "1")
-    with pytest.raises(NativeKernelError, match="Ninja is required"):
-        perturbed_argmax_cross_entropy(mu, target)

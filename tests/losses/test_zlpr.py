@@ -13,6 +13,9 @@ from torch.autograd import gradcheck
 from kexue.losses import ZLPRLoss, zlpr_loss, zlpr_predict, zlpr_probabilities
 from kexue.testing.zlpr import zlpr_grad_ref, zlpr_ref, zlpr_target_grad_ref
 
+# every test twice: kexue's native kernel, then the eager path (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
+
 F64 = torch.float64
 ROWS, N = 6, 20
 

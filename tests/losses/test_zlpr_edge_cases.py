@@ -21,6 +21,9 @@ from kexue.losses import (
 )
 from kexue.testing.zlpr import zlpr_grad_ref, zlpr_ref
 
+# every test twice: kexue's native kernel, then the eager path (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
+
 F64 = torch.float64
 INF = math.inf
 

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kexue.distributions.native import probit_kernel
 from kexue.distributions.noise import ERFC_RANGE, NoiseFamily, NormalNoise
+from kexue.native import kernels
 from kexue.ops import exp_flush_
 
 __all__ = [
@@ -425,7 +425,7 @@ class _MaximumCrossEntropy(torch.autograd.Function):
     ``(sum_k W_k (a y_k + c) h_kj - a mu_j m_j + (b - 1) sum_k W_k h_kj^2) / S``: two
     ``(1, M) @ (M, n)`` products and one pass for ``h^2``, against seven passes in log space.
 
-    For normal noise on CPU the native kernel (:mod:`kexue.distributions.native`) computes
+    For normal noise on CPU the native kernel (:mod:`kexue.native`) computes
     the same loss and, in the forward, each row's gradient, which the backward scales.
     """
 
@@ -476,7 +476,7 @@ def _native_kernel(centred: Tensor, family: NoiseFamily, y: Tensor) -> Any:
     # centred scores are <= 0, so y_k - mu_l >= min y: the window keeps it above -9.3
     if float(y.amin()) < ERFC_RANGE[centred.dtype][0]:
         return None
-    return probit_kernel()
+    return kernels()
 
 
 def _cross_entropy_forward(

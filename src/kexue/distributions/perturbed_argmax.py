@@ -233,6 +233,9 @@ def perturbed_argmax_cross_entropy(
     Returns:
         The loss, reduced or with ``target``'s shape. It is ``+inf`` only where a
         bounded-support family (uniform) gives the target exactly zero probability.
+
+    For normal noise on CPU the loss and its gradient come from a native kernel, built on
+    first use (:mod:`kexue.native`; ``KEXUE_NATIVE=0`` keeps the eager path).
     """
     check_reduction(reduction)
     check_mu(mu, dim)

@@ -11,6 +11,7 @@ from torch import Tensor
 from kexue.experiments.multilabel import sentinel_zlpr
 from kexue.experiments.timing import median_ms
 from kexue.losses import zlpr_loss
+from kexue.native import native_kernels
 from kexue.ops import logsumexp
 
 LOSS_HEADERS = [
@@ -23,6 +24,8 @@ LOSS_HEADERS = [
     "ZLPR(bool)/BCE",
     "port/ZLPR",
     "|ZLPR - port|",
+    "ZLPR eager ms (float t)",
+    "ZLPR eager/BCE",
 ]
 LSE_HEADERS = ["input", "torch.logsumexp ms", "kexue ms", "kexue/torch"]
 
@@ -38,7 +41,8 @@ def _backward_ms(fn: Callable[..., Tensor], leaf: Tensor, min_run_time: float) -
 
 def loss_speed_rows(sizes: tuple[int, ...] = (1000, 10000), min_run_time: float = 1.0) -> list:
     """Forward+backward ms of BCEWithLogitsLoss, zlpr_loss (float and bool targets) and the
-    sentinel port, batch 256, 5 positives per row on average; plus |zlpr - port|."""
+    sentinel port, batch 256, 5 positives per row on average; plus |zlpr - port|, and
+    zlpr_loss on its eager path (kexue.native switched off)."""
     gen = torch.Generator().manual_seed(0)
     bce = torch.nn.BCEWithLogitsLoss()
     rows = []
@@ -52,9 +56,12 @@ def loss_speed_rows(sizes: tuple[int, ...] = (1000, 10000), min_run_time: float 
             _backward_ms(lambda v, tb=tb: zlpr_loss(v, tb), s, min_run_time),
             _backward_ms(lambda v, t=t: sentinel_zlpr(v, t), s, min_run_time),
         ]
+        with native_kernels(False):
+            eager = _backward_ms(lambda v, t=t: zlpr_loss(v, t), s, min_run_time)
         with torch.no_grad():
             diff = float((zlpr_loss(s, t) - sentinel_zlpr(s, t)).abs())
-        rows.append([f"256 x {n}", *ms, ms[1] / ms[0], ms[2] / ms[0], ms[3] / ms[1], diff])
+        rows.append([f"256 x {n}", *ms, ms[1] / ms[0], ms[2] / ms[0], ms[3] / ms[1], diff,
+                     eager, eager / ms[0]])  # fmt: skip
     return rows
 
 

@@ -13,12 +13,14 @@ which is the hard loss ``log(1 + sum_N exp(s_i)) + log(1 + sum_P exp(-s_j))`` wh
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from kexue.native import kernels
 from kexue.ops import check_reduction, compute_dtype, exp_flush_, logsumexp, reduce_loss
 from kexue.validation import (
     check_broadcast,
@@ -116,11 +118,28 @@ class _DenseZLPR(torch.autograd.Function):
     ``bmm``. Fresh full-size buffers cost page faults on CPUs, so the forward allocates the
     two terms as one buffer and the buffer of ``e``, which the backward reuses for the
     gradient.
+
+    On CPU the native kernel (:mod:`kexue.native`) makes the same plain sums and the gradient
+    in two passes per row, and the backward scales that gradient; a call with a row that needs
+    the exact path, or with a mask, runs the eager code below.
     """
 
     @staticmethod
     def forward(ctx, s: Tensor, t: Tensor, keep: Tensor | None, eps: float) -> Tensor:
         bound = _max_sum(eps, s.dtype) if t.dtype != torch.bool else 0.0
+        kernel = _native_kernel(s, t, keep)
+        ctx.native = False
+        if kernel is not None:
+            lo, hi = _snap_thresholds(eps, s.dtype)
+            limit = _fast_range(s.dtype, s.shape[-1])
+            args = (lo, hi, bound, limit)
+            loss, row_grad, fast = kernel.zlpr(s, t, *args, ctx.needs_input_grad[0])
+            if bool(fast):
+                # the backward scales the kernel's buffer in place (a fresh one costs page
+                # faults); a second backward (retain_graph) runs the kernel again
+                ctx.native, ctx.row_grad, ctx.rerun = True, row_grad, (kernel, args)
+                ctx.save_for_backward(s, t)
+                return loss
         slow = None
         if not bound:  # check the scores' range first (bool targets: no eps to bound by)
             limit = _fast_range(s.dtype, s.shape[-1])
@@ -173,6 +192,12 @@ class _DenseZLPR(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
+        if ctx.native:
+            row_grad, ctx.row_grad = ctx.row_grad, None
+            if row_grad is None:
+                kernel, args = ctx.rerun
+                row_grad = kernel.zlpr(*ctx.saved_tensors, *args, True)[1]
+            return row_grad.mul_(grad[:, None]), None, None, None
         buf, d_pos, d_neg = ctx.saved_tensors
         scratch, ctx.scratch = ctx.scratch, None
         rows, n = buf.shape[1:]
@@ -180,6 +205,16 @@ class _DenseZLPR(torch.autograd.Function):
         out = scratch if scratch is not None else buf.new_empty(rows, n)
         torch.bmm(coef, buf.permute(1, 0, 2), out=out.view(rows, 1, n))
         return out, None, None, None
+
+
+def _native_kernel(s: Tensor, t: Tensor, keep: Tensor | None) -> Any:
+    """The native kernels where they compute this loss (float32/64 contiguous scores on CPU,
+    no mask), else ``None``."""
+    if keep is not None or s.device.type != "cpu" or s.dtype not in _FAST_RANGE:
+        return None
+    if not (s.is_contiguous() and t.is_contiguous()) or t.dtype not in (s.dtype, torch.bool):
+        return None
+    return kernels()
 
 
 def _check_weight(weight: Tensor | None, scores: Tensor) -> Tensor | None:

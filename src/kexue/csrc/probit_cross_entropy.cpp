@@ -1,5 +1,5 @@
 // The probit head's loss and its gradient in one pass per row (docs/guides/distributions.md,
-// "A native kernel for the probit head"). Built on first use by kexue.distributions.native;
+// "A native kernel for the probit head"). Built on first use by kexue.native;
 // the eager path in maximum.py computes the same quantities and is the reference for tests.
 //
 // Per row of centred scores mu (n), nodes y (M), log-weights log w (M) and target t:
@@ -13,8 +13,9 @@
 //   first_k = pi_kt e^c - (W_k / S)(H_k e^c - y_k),  square_k = (W_k / S) e^c,
 //   d_kt = -x_kt - h_kt,  H_k = sum_l h'_kl,
 // projected onto the vectors that sum to zero.
-#include <torch/extension.h>
+#include "kernels.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -194,19 +195,18 @@ void row(const T* mu, const T* y, const T* log_w, int64_t t, int64_t m, int64_t 
 
 }  // namespace
 
-// (loss (B,), gradient (B, n) of each row's loss, or an undefined tensor) for contiguous CPU
-// float32/float64 mu (B, n), y and log_w (B, M), int64 target (B,).
-std::vector<torch::Tensor> probit_cross_entropy(const torch::Tensor& mu, const torch::Tensor& y,
-                                                const torch::Tensor& log_w,
-                                                const torch::Tensor& target, bool with_grad) {
+// Contiguous CPU float32/float64 mu (B, n), y and log_w (B, M), int64 target (B,).
+std::vector<at::Tensor> probit_cross_entropy(const at::Tensor& mu, const at::Tensor& y,
+                                             const at::Tensor& log_w, const at::Tensor& target,
+                                             bool with_grad) {
   TORCH_CHECK(mu.dim() == 2 && y.dim() == 2 && log_w.sizes() == y.sizes(), "bad shapes");
   TORCH_CHECK(mu.is_contiguous() && y.is_contiguous() && log_w.is_contiguous() &&
                   target.is_contiguous(), "inputs must be contiguous");
   TORCH_CHECK(target.scalar_type() == at::kLong && target.numel() == mu.size(0), "bad target");
   const int64_t rows = mu.size(0), n = mu.size(1), m = y.size(1);
   TORCH_CHECK(y.size(0) == rows && n > 0 && m > 0, "bad shapes");
-  auto loss = torch::empty({rows}, mu.options());
-  auto grad = with_grad ? torch::empty({rows, n}, mu.options()) : torch::Tensor();
+  auto loss = at::empty({rows}, mu.options());
+  auto grad = with_grad ? at::empty({rows, n}, mu.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "probit_cross_entropy", [&] {
     using T = scalar_t;
     const T limit = -std::log(std::numeric_limits<T>::min());  // exp(-limit): smallest normal
@@ -223,9 +223,4 @@ std::vector<torch::Tensor> probit_cross_entropy(const torch::Tensor& mu, const t
     });
   });
   return {loss, grad};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("probit_cross_entropy", &probit_cross_entropy,
-             "The probit head's per-row loss and gradient (kexue.distributions.native)");
 }

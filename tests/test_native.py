@@ -1,0 +1,67 @@
+"""kexue.native's switches: KEXUE_NATIVE, native_kernels(), and the fallback with one logged
+line when the kernels cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import kexue.native as native
+from kexue.distributions import perturbed_argmax_cross_entropy
+from kexue.exceptions import NativeKernelError
+from kexue.losses import zlpr_loss
+
+
+@pytest.fixture
+def kernel():
+    try:
+        return native.build_kernels()
+    except NativeKernelError as exc:  # pragma: no cover - machines without a compiler
+        if native.os.environ.get(native.ENV_VAR) == "1":
+            raise
+        pytest.skip(f"the native kernels are unavailable here: {exc}")
+
+
+def test_the_environment_switches_the_kernel(kernel, monkeypatch) -> None:
+    monkeypatch.setenv(native.ENV_VAR, "0")
+    assert native.kernels() is None
+    with native.native_kernels(True):  # the explicit switch wins
+        assert native.kernels() is kernel
+    monkeypatch.setenv(native.ENV_VAR, "auto")
+    assert native.kernels() is kernel
+    monkeypatch.setenv(native.ENV_VAR, "yes")
+    with pytest.raises(ValueError, match="KEXUE_NATIVE must be one of auto, 0, 1"):
+        native.kernels()
+
+
+def test_a_failed_build_falls_back_with_one_line(monkeypatch, caplog) -> None:
+    """No compiler: one logged line, then the eager paths of both losses; with
+    KEXUE_NATIVE=1 an error naming the cause."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(native, "_is_built", lambda *args: False)
+    monkeypatch.setenv(native.ENV_VAR, "auto")
+    gen = torch.Generator().manual_seed(4)
+    mu = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    scores, labels = torch.randn(3, 6, generator=gen), torch.rand(3, 6, generator=gen)
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        losses = [perturbed_argmax_cross_entropy(mu, target) for _ in range(2)]
+        zlpr = zlpr_loss(scores, labels)
+    failures = [r for r in caplog.records if "did not build" in r.getMessage()]
+    assert len(failures) == 1 and "Ninja is required" in failures[0].getMessage()
+    with native.native_kernels(False):
+        torch.testing.assert_close(losses[0], perturbed_argmax_cross_entropy(mu, target))
+        torch.testing.assert_close(zlpr, zlpr_loss(scores, labels))
+    assert losses[1] == losses[0]
+    monkeypatch.setenv(native.ENV_VAR, "1")
+    with pytest.raises(NativeKernelError, match="Ninja is required"):
+        zlpr_loss(scores, labels)
