@@ -547,7 +547,7 @@ def render(results: dict[str, Any], out: Path) -> str:
         *(
             [
                 f"The classification-head section (and its goals) was re-timed by "
-                f"`{results['command']}` on {results['date']} on a quieter machine (load "
+                f"`{results['command']}` on {results['date']} (load "
                 f"average {results['machine']['load_average'][0]:.2f} before, "
                 f"{results['machine']['load_average'][1]:.2f} after); everything else is from "
                 "the command above.",

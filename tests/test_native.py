@@ -65,3 +65,34 @@ def test_a_failed_build_falls_back_with_one_line(monkeypatch, caplog) -> None:
     monkeypatch.setenv(native.ENV_VAR, "1")
     with pytest.raises(NativeKernelError, match="Ninja is required"):
         zlpr_loss(scores, labels)
+
+
+def test_the_command_builds_the_kernels(kernel, capsys) -> None:
+    from kexue.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["build-native"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"native kernels: {kernel.__file__}"
+
+
+def test_the_command_fails_with_one_line(monkeypatch, capsys) -> None:
+    from torch.utils import cpp_extension
+
+    from kexue.cli import main
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(native, "_is_built", lambda *args: False)
+    with pytest.raises(SystemExit) as exc:
+        main(["build-native"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1
+    assert err[-1] == (
+        "kexue: error: kexue's native kernels did not build: Ninja is required to load C++ "
+        "extensions"
+    )

@@ -203,6 +203,25 @@ def tour(
     typer.echo(f"report: {out / 'report.html'}")
 
 
+@app.command("build-native")
+def build_native(
+    verbose: Annotated[bool, typer.Option(help="Show the compiler's output.")] = False,
+) -> None:
+    """Build kexue's native kernels now (about 30 s, once per machine; then cached)."""
+    from rich.console import Console
+
+    from kexue.exceptions import NativeKernelError
+    from kexue.native import build_kernels
+
+    try:
+        with Console(stderr=True).status("building kexue's native kernels"):
+            module = build_kernels(verbose=verbose)
+    except NativeKernelError as err:
+        typer.echo(f"kexue: error: {err}", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(f"native kernels: {module.__file__}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning usage errors into one line and exit status 2."""
     command = typer.main.get_command(app)
