@@ -9,7 +9,9 @@ deterministic; run ``pytest --hypothesis-profile=explore`` to search with fresh 
 """
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -26,17 +28,46 @@ settings.register_profile("explore", deadline=None, derandomize=False, print_blo
 settings.load_profile("default")
 
 
+def _kernels_or_skip() -> ModuleType:
+    """kexue's native kernels, built if needed; the test is skipped where they cannot be
+    built, unless ``KEXUE_NATIVE=1`` (CI) makes that an error."""
+    try:
+        return build_kernels()
+    except NativeKernelError as exc:  # pragma: no cover - machines without a compiler
+        if os.environ.get(ENV_VAR) == "1":
+            raise
+        pytest.skip(f"the native kernels are unavailable here: {exc}")
+
+
+@pytest.fixture
+def kernel() -> ModuleType:
+    """The compiled module of kexue's native kernels."""
+    return _kernels_or_skip()
+
+
 @pytest.fixture(params=["native", "eager"])
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test with kexue's native kernels, then with the eager paths. Where the kernels
-    cannot be built the native run is skipped, unless ``KEXUE_NATIVE=1`` (CI) makes that an
-    error."""
+    """Run the test with kexue's native kernels, then with the eager paths."""
     if request.param == "native":
-        try:
-            build_kernels()
-        except NativeKernelError as exc:
-            if os.environ.get(ENV_VAR) == "1":
-                raise
-            pytest.skip(f"the native kernels are unavailable here: {exc}")
+        _kernels_or_skip()
     with native_kernels(request.param == "native"):
         yield request.param
+
+
+@pytest.fixture
+def on_threads() -> Callable[..., list[Any]]:
+    """``on_threads(fn, counts=(1, 2))``: ``fn()`` once per torch thread count, the count
+    restored after."""
+
+    def run(fn: Callable[[], Any], counts: tuple[int, ...] = (1, 2)) -> list[Any]:
+        saved = torch.get_num_threads()
+        try:
+            results = []
+            for count in counts:
+                torch.set_num_threads(count)
+                results.append(fn())
+            return results
+        finally:
+            torch.set_num_threads(saved)
+
+    return run

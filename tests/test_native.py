@@ -14,16 +14,6 @@ from kexue.exceptions import NativeKernelError
 from kexue.losses import zlpr_loss
 
 
-@pytest.fixture
-def kernel():
-    try:
-        return native.build_kernels()
-    except NativeKernelError as exc:  # pragma: no cover - machines without a compiler
-        if native.os.environ.get(native.ENV_VAR) == "1":
-            raise
-        pytest.skip(f"the native kernels are unavailable here: {exc}")
-
-
 def test_the_environment_switches_the_kernel(kernel, monkeypatch) -> None:
     monkeypatch.setenv(native.ENV_VAR, "0")
     assert native.kernels() is None
@@ -36,18 +26,23 @@ def test_the_environment_switches_the_kernel(kernel, monkeypatch) -> None:
         native.kernels()
 
 
-def test_a_failed_build_falls_back_with_one_line(monkeypatch, caplog) -> None:
-    """No compiler: one logged line, then the eager paths of both losses; with
-    KEXUE_NATIVE=1 an error naming the cause."""
+@pytest.fixture
+def no_compiler(monkeypatch) -> None:
+    """A machine where the build fails (no ninja), with no kernels loaded yet."""
     from torch.utils import cpp_extension
 
-    def no_compiler(**kwargs):
+    def fail(**kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(native, "_failed", None)
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpp_extension, "load", fail)
     monkeypatch.setattr(native, "_is_built", lambda *args: False)
+
+
+def test_a_failed_build_falls_back_with_one_line(no_compiler, monkeypatch, caplog) -> None:
+    """No compiler: one logged line, then the eager paths of both losses; with
+    KEXUE_NATIVE=1 an error naming the cause."""
     monkeypatch.setenv(native.ENV_VAR, "auto")
     gen = torch.Generator().manual_seed(4)
     mu = torch.randn(3, 6, generator=gen, dtype=torch.float64)
@@ -76,18 +71,9 @@ def test_the_command_builds_the_kernels(kernel, capsys) -> None:
     assert capsys.readouterr().out.strip() == f"native kernels: {kernel.__file__}"
 
 
-def test_the_command_fails_with_one_line(monkeypatch, capsys) -> None:
-    from torch.utils import cpp_extension
-
+def test_the_command_fails_with_one_line(no_compiler, capsys) -> None:
     from kexue.cli import main
 
-    def no_compiler(**kwargs):
-        raise RuntimeError("Ninja is required to load C++ extensions")
-
-    monkeypatch.setattr(native, "_module", None)
-    monkeypatch.setattr(native, "_failed", None)
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(native, "_is_built", lambda *args: False)
     with pytest.raises(SystemExit) as exc:
         main(["build-native"])
     err = capsys.readouterr().err.strip().splitlines()

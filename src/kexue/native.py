@@ -94,7 +94,7 @@ def build_kernels(verbose: bool = False) -> ModuleType:
 
         flags = _flags()
         digest = hashlib.sha256()
-        for path in (*SOURCES, _CSRC / "kernels.h"):
+        for path in (*SOURCES, *sorted(_CSRC.glob("*.h"))):
             digest.update(path.read_bytes())
         digest.update(" ".join([*flags, torch.__version__]).encode())
         name = f"kexue_native_{digest.hexdigest()[:16]}"

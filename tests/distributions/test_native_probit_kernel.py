@@ -12,20 +12,9 @@ from torch.autograd import gradcheck
 import kexue.distributions.maximum as mx
 import kexue.native as native
 from kexue.distributions import noise_family, perturbed_argmax_cross_entropy
-from kexue.exceptions import NativeKernelError
 from kexue.testing.perturbed_argmax import reference_probs
 
 F64 = torch.float64
-
-
-@pytest.fixture
-def kernel():
-    try:
-        return native.build_kernels()
-    except NativeKernelError as exc:  # pragma: no cover - machines without a compiler
-        if native.os.environ.get(native.ENV_VAR) == "1":
-            raise
-        pytest.skip(f"the native kernel is unavailable here: {exc}")
 
 
 def _loss_and_grad(mu, target, enabled: bool, **kwargs):
@@ -72,18 +61,11 @@ def test_native_matches_scipy_and_finite_differences(kernel, random_mu) -> None:
         )
 
 
-def test_native_gradient_sums_to_zero_and_threads_agree(kernel) -> None:
+def test_native_gradient_sums_to_zero_and_threads_agree(kernel, on_threads) -> None:
     gen = torch.Generator().manual_seed(3)
     mu = torch.randn(64, 300, generator=gen)
     target = torch.randint(300, (64,), generator=gen)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _loss_and_grad(mu, target, True)
-        torch.set_num_threads(2)
-        two = _loss_and_grad(mu, target, True)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_threads(lambda: _loss_and_grad(mu, target, True))
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])  # rows are independent
     assert one[1].sum(-1).abs().max() < 300 * 1e-7  # float32 rounding of 300 terms
 
@@ -108,7 +90,19 @@ def test_only_normal_float_cpu_rows_in_range_take_the_kernel(kernel, random_mu) 
         assert mx._native_kernel(mu, normal, y) is kernel
         assert mx._native_kernel(mu.float(), normal, y.float()) is kernel
         assert mx._native_kernel(mu, noise_family("logistic"), y) is None
-        assert mx._native_kernel(mu.T.contiguous().T, normal, y) is None  # not contiguous
         assert mx._native_kernel(mu, normal, y - 40.0) is None  # erfc would underflow
     with native.native_kernels(False):
         assert mx._native_kernel(mu, normal, y) is None
+
+
+def test_native_takes_classes_along_any_dim(kernel, random_mu) -> None:
+    """Classes along dim 0 (a non-contiguous view inside): the same losses and gradient."""
+    mu = random_mu((6, 20), 2.0, seed=9)
+    target = torch.tensor([0, 19, 4, 4, 7, 1])
+    rows = _loss_and_grad(mu, target, True)
+    leaf = mu.T.contiguous().requires_grad_()
+    with native.native_kernels(True):
+        loss = perturbed_argmax_cross_entropy(leaf, target, dim=0, reduction="none")
+    (loss * torch.linspace(0.5, 1.5, 6, dtype=loss.dtype)).sum().backward()
+    torch.testing.assert_close(loss.detach(), rows[0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(leaf.grad.T, rows[1], rtol=1e-12, atol=1e-13)

@@ -10,21 +10,10 @@ import torch
 
 import kexue.losses.zlpr as zl
 import kexue.native as native
-from kexue.exceptions import NativeKernelError
 from kexue.losses import zlpr_loss
 from kexue.testing.zlpr import zlpr_grad_ref, zlpr_ref
 
 F64 = torch.float64
-
-
-@pytest.fixture
-def kernel():
-    try:
-        return native.build_kernels()
-    except NativeKernelError as exc:  # pragma: no cover - machines without a compiler
-        if native.os.environ.get(native.ENV_VAR) == "1":
-            raise
-        pytest.skip(f"the native kernels are unavailable here: {exc}")
 
 
 def _targets(kind: str, shape: tuple[int, ...], gen: torch.Generator, dtype) -> torch.Tensor:
@@ -97,18 +86,11 @@ def test_bool_targets_check_the_score_range(kernel) -> None:
     assert torch.isfinite(native_loss).all()
 
 
-def test_native_zlpr_threads_agree_and_no_grad_gives_the_same_loss(kernel) -> None:
+def test_native_zlpr_threads_agree_and_no_grad_gives_the_same_loss(kernel, on_threads) -> None:
     gen = torch.Generator().manual_seed(4)
     s = torch.randn(256, 1000, generator=gen)
     t = _targets("soft", (256, 1000), gen, torch.float32)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _loss_and_grad(s, t, True)
-        torch.set_num_threads(2)
-        two = _loss_and_grad(s, t, True)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_threads(lambda: _loss_and_grad(s, t, True))
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])  # rows are independent
     with native.native_kernels(True), torch.no_grad():
         assert torch.equal(zlpr_loss(s, t, reduction="none"), one[0])

@@ -14,6 +14,7 @@
 //   d_kt = -x_kt - h_kt,  H_k = sum_l h'_kl,
 // projected onto the vectors that sum to zero.
 #include "kernels.h"
+#include "vector_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,55 +27,13 @@
 
 using at::vec::Vectorized;
 
-// MKL's vector math, which torch builds with MKL export (about 3x faster than SLEEF's erfc).
-// Weak, so that a torch without them still loads this module and uses SLEEF through ATen.
-extern "C" {
-void vsErfc(int, const float*, float*) __attribute__((weak));
-void vdErfc(int, const double*, double*) __attribute__((weak));
-void vsLn(int, const float*, float*) __attribute__((weak));
-void vdLn(int, const double*, double*) __attribute__((weak));
-void vsExp(int, const float*, float*) __attribute__((weak));
-void vdExp(int, const double*, double*) __attribute__((weak));
-}
-
 namespace {
 
-template <typename T, typename F>
-void vec_map(int64_t size, const T* a, T* out, F f) {
-  using V = Vectorized<T>;
-  for (int64_t i = 0; i < size; i += V::size()) {
-    const int64_t r = std::min<int64_t>(V::size(), size - i);
-    f(V::loadu(a + i, r)).store(out + i, r);
-  }
-}
-
-void vec_erfc(int64_t n, const float* a, float* r) {
-  if (vsErfc) vsErfc(int(n), a, r); else vec_map(n, a, r, [](auto v) { return v.erfc(); });
-}
-void vec_erfc(int64_t n, const double* a, double* r) {
-  if (vdErfc) vdErfc(int(n), a, r); else vec_map(n, a, r, [](auto v) { return v.erfc(); });
-}
-void vec_log(int64_t n, const float* a, float* r) {
-  if (vsLn) vsLn(int(n), a, r); else vec_map(n, a, r, [](auto v) { return v.log(); });
-}
-void vec_log(int64_t n, const double* a, double* r) {
-  if (vdLn) vdLn(int(n), a, r); else vec_map(n, a, r, [](auto v) { return v.log(); });
-}
-void vec_exp(int64_t n, const float* a, float* r) {
-  if (vsExp) vsExp(int(n), a, r); else vec_map(n, a, r, [](auto v) { return v.exp(); });
-}
-void vec_exp(int64_t n, const double* a, double* r) {
-  if (vdExp) vdExp(int(n), a, r); else vec_map(n, a, r, [](auto v) { return v.exp(); });
-}
-
-template <typename T>
-T lane_sum(const Vectorized<T>& v, int64_t count = Vectorized<T>::size()) {
-  T buf[Vectorized<T>::size()];
-  v.store(buf);
-  T s = 0;
-  for (int64_t i = 0; i < count; ++i) s += buf[i];
-  return s;
-}
+using kexue::array_sum;
+using kexue::lane_sum;
+using kexue::vec_erfc;
+using kexue::vec_exp;
+using kexue::vec_log;
 
 // Buffers of one thread: three M x n blocks and a few vectors, reused across its rows.
 template <typename T>
@@ -135,18 +94,8 @@ void row(const T* mu, const T* y, const T* log_w, int64_t t, int64_t m, int64_t 
       acc = at::vec::fmadd(V(ws.weight[k]), V::loadu(hs + k * n + l, r), acc);
     acc.store(ws.mass.data() + l, r);
   }
-  for (int64_t k = 0; k < m; ++k) {
-    V acc(T(0));
-    T tail = 0;
-    for (int64_t l = 0; l < n; l += kW) {
-      const int64_t r = std::min<int64_t>(kW, n - l);
-      const V h = V::loadu(hs + k * n + l, r);
-      if (r == kW) acc = acc + h; else tail += lane_sum(h, r);
-    }
-    ws.h_sum[k] = lane_sum(acc) + tail;
-  }
-  T total = 0;
-  for (int64_t l = 0; l < n; ++l) total += ws.mass[l];
+  for (int64_t k = 0; k < m; ++k) ws.h_sum[k] = array_sum(hs + k * n, n);
+  const T total = array_sum(ws.mass.data(), n);
   // the target's log mass in log space on the M nodes: exact where its h' underflows
   T top_t = -std::numeric_limits<T>::infinity();
   for (int64_t k = 0; k < m; ++k) {

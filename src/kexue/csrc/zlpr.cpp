@@ -11,6 +11,7 @@
 // the call report itself not fast: the caller then takes the eager path, which handles such
 // rows exactly.
 #include "kernels.h"
+#include "vector_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,38 +24,10 @@
 
 using at::vec::Vectorized;
 
-extern "C" {
-void vsExp(int, const float*, float*) __attribute__((weak));
-void vdExp(int, const double*, double*) __attribute__((weak));
-}
-
 namespace {
 
-void exp_into(int64_t n, const float* a, float* r) {
-  if (vsExp) { vsExp(int(n), a, r); return; }
-  using V = Vectorized<float>;
-  for (int64_t i = 0; i < n; i += V::size()) {
-    const int64_t c = std::min<int64_t>(V::size(), n - i);
-    V::loadu(a + i, c).exp().store(r + i, c);
-  }
-}
-void exp_into(int64_t n, const double* a, double* r) {
-  if (vdExp) { vdExp(int(n), a, r); return; }
-  using V = Vectorized<double>;
-  for (int64_t i = 0; i < n; i += V::size()) {
-    const int64_t c = std::min<int64_t>(V::size(), n - i);
-    V::loadu(a + i, c).exp().store(r + i, c);
-  }
-}
-
-template <typename T>
-T lane_sum(const Vectorized<T>& v) {
-  T buf[Vectorized<T>::size()];
-  v.store(buf);
-  T s = 0;
-  for (int64_t i = 0; i < Vectorized<T>::size(); ++i) s += buf[i];
-  return s;
-}
+using kexue::lane_sum;
+using kexue::vec_exp;
 
 // p and q of one full vector of e and t
 template <typename T>
@@ -103,7 +76,7 @@ bool row(const T* s, const T* t, int64_t n, T lo, T hi, T bound, T limit, T* e, 
   constexpr int64_t kW = V::size();
   const int64_t full = n - n % kW;
   if (bound <= 0 && !in_range(s, n, limit)) return false;
-  exp_into(n, s, e);
+  vec_exp(n, s, e);
   const V v_lo(lo), v_hi(hi);
   V acc_a(T(0)), acc_b(T(0)), p, q;
   for (int64_t i = 0; i < full; i += kW) {
