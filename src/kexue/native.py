@@ -68,6 +68,15 @@ def _flags() -> list[str]:
     return ["-O3", *flags, f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
 
 
+def _build_name(prefix: str, flags: list[str]) -> str:
+    """``prefix`` and a hash of the sources, the flags and torch's version."""
+    digest = hashlib.sha256()
+    for path in (*SOURCES, *sorted(_CSRC.glob("*.h"))):
+        digest.update(path.read_bytes())
+    digest.update(" ".join([*flags, torch.__version__]).encode())
+    return f"{prefix}_{digest.hexdigest()[:16]}"
+
+
 def _is_built(cpp_extension: ModuleType, name: str) -> bool:
     """Whether torch's extension cache already holds the build ``name`` (torch does not say
     so publicly: where its helper is missing, assume a build is due)."""
@@ -93,11 +102,7 @@ def build_kernels(verbose: bool = False) -> ModuleType:
         from torch.utils import cpp_extension
 
         flags = _flags()
-        digest = hashlib.sha256()
-        for path in (*SOURCES, *sorted(_CSRC.glob("*.h"))):
-            digest.update(path.read_bytes())
-        digest.update(" ".join([*flags, torch.__version__]).encode())
-        name = f"kexue_native_{digest.hexdigest()[:16]}"
+        name = _build_name("kexue_native", flags)
         if not _is_built(cpp_extension, name):
             log.warning(
                 "kexue: building the native kernels %s (once per machine, about 30 s; "
