@@ -35,13 +35,20 @@ using kexue::vec_erfc;
 using kexue::vec_exp;
 using kexue::vec_log;
 
-// Buffers of one thread: three M x n blocks and a few vectors, reused across its rows.
+// Buffers of one thread: three M x n blocks (x, u, h, one after another) and a few vectors.
+// Grow-only and kept per thread across calls, like the eager path's scratch buffer: fresh
+// ones would be paged in anew each call (14 MB at n = 50,000).
 template <typename T>
 struct Workspace {
-  std::vector<T> x, u, h, mass, u_t, log_p, h_sum, weight, post, first, square;
-  Workspace(int64_t m, int64_t n)
-      : x(m * n), u(m * n), h(m * n), mass(n), u_t(m), log_p(m), h_sum(m), weight(m),
-        post(m), first(m), square(m) {}
+  std::vector<T> blocks, mass, u_t, log_p, h_sum, weight, post, first, square;
+  static Workspace& of_this_thread(int64_t m, int64_t n) {
+    thread_local Workspace ws;
+    ws.blocks.resize(std::max<size_t>(ws.blocks.size(), 3 * m * n));
+    ws.mass.resize(std::max<size_t>(ws.mass.size(), n));
+    for (auto* v : {&ws.u_t, &ws.log_p, &ws.h_sum, &ws.weight, &ws.post, &ws.first, &ws.square})
+      v->resize(std::max<size_t>(v->size(), m));
+    return ws;
+  }
 };
 
 template <typename T>
@@ -52,7 +59,7 @@ void row(const T* mu, const T* y, const T* log_w, int64_t t, int64_t m, int64_t 
   const T ln2 = std::log(T(2));
   const T shift = -T(0.5) * std::log(T(2) * T(M_PI));  // c of log h = c - u
   const V neg_sqrt_half(-std::sqrt(T(0.5))), half(T(0.5)), v_ln2(ln2), v_limit(limit);
-  T *xs = ws.x.data(), *us = ws.u.data(), *hs = ws.h.data();
+  T *xs = ws.blocks.data(), *us = xs + m * n, *hs = us + m * n;
 
   // x, and erfc(-x / sqrt 2) then its log in bulk
   for (int64_t k = 0; k < m; ++k) {
@@ -165,7 +172,7 @@ std::vector<at::Tensor> probit_cross_entropy(const at::Tensor& mu, const at::Ten
     T* grad_p = with_grad ? grad.data_ptr<T>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (m * n));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      Workspace<T> ws(m, n);
+      Workspace<T>& ws = Workspace<T>::of_this_thread(m, n);
       for (int64_t b = begin; b < end; ++b)
         row<T>(mu_p + b * n, y_p + b * m, w_p + b * m, t_p[b], m, n, limit, ws, loss_p + b,
                grad_p ? grad_p + b * n : nullptr);
